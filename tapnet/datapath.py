@@ -1,0 +1,489 @@
+"""The sans-I/O datapath: frames in, frames out, with a reason for every drop.
+
+Theory of operation
+-------------------
+A `Fabric` holds one `Datapath` per node of the cluster. Ports (anything
+frames enter or leave by) have global integer ids so that one `FrameBatch`
+can carry frames of every node, as the single runtime process and the replay
+both need. `Fabric.process(batch, now, rng)` parses the whole batch with one
+numba call (`tapnet.parse`), then hands each frame to its node's datapath.
+
+A node's datapath keeps, per network present on the node, a learning bridge
+(`tapnet.switch.Bridge`) and the network's gateway (`.1`, MAC 02:42 + IP).
+For each frame it runs these steps in order:
+
+1. drop malformed frames (the parser's reason) and frames from unknown ports;
+2. learn the source MAC on the ingress port of the frame's network;
+3. run the L2 stages (`Datapath.l2_stages`); any of them may consume the
+   frame (ARP suppression, VIP ARP, VXLAN decap plug in here);
+4. frames for the gateway MAC go to the L3 stages (`Datapath.l3_stages`:
+   DNS responder, VIP DNAT plug in here), then to the gateway itself, which
+   answers ARP and ICMP echo and drops everything else with a reason
+   (`isolation`, `internal`, `no-egress`, `gateway-no-service`, ...);
+5. everything else is bridged: broadcast, multicast and unknown unicast
+   flood to the other ports of the same network; known unicast goes to the
+   one port its MAC was learned on.
+
+Invariants: a frame never leaves by a port of another network than the one
+it entered on (isolation holds by construction, because a bridge only knows
+its own ports); nothing reads a clock or draws randomness except through
+`now` and `rng`; each input frame ends with exactly one verdict (deliver,
+flood, reply or drop), counted per port.
+
+A stage is any object with a `name` and a `handle(ctx) -> bool` method;
+returning True means the stage consumed the frame (it emitted or dropped it
+through `ctx`). Stages see a `FrameContext`, never the runtime.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from tapnet import gateway, parse, reasons
+from tapnet.batch import FrameBatch
+from tapnet.model import Cluster, Network, port_name
+from tapnet.switch import Bridge, is_multicast
+from tapnet.trace import TraceRecord, describe
+
+
+@dataclass
+class Port:
+    id: int
+    name: str
+    node: str
+    kind: str  # "tap": a sandbox endpoint
+    network: str | None = None
+    sandbox: str | None = None
+    ifname: str | None = None
+    mac: int = 0
+    ip: int = 0
+    offload: bool = True  # takes GSO superframes and partial checksums
+
+
+@dataclass
+class NetworkView:
+    """What a node's datapath needs of one network, as integers for speed."""
+
+    model: Network
+    net: int
+    mask: int
+    gateway_ip: int
+    gateway_mac: int
+    bridge: Bridge
+
+    def contains(self, ip: int) -> bool:
+        return ip & self.mask == self.net
+
+
+@dataclass
+class Emit:
+    port: int
+    frame: bytes
+    vnet: bytes | None
+    index: int  # the input frame (index in the batch) this emission answers
+    record: TraceRecord | None = None
+
+
+@dataclass
+class Result:
+    emits: list[Emit] = field(default_factory=list)
+    records: list[TraceRecord | None] = field(default_factory=list)
+
+
+class Stage(Protocol):
+    name: str
+
+    def handle(self, ctx: "FrameContext") -> bool: ...
+
+
+class FrameContext:
+    """One frame on its way through a node's datapath, as stages see it."""
+
+    __slots__ = ("dp", "result", "index", "port", "network", "frame", "vnet", "record", "now", "rng", "trace", "done")
+
+    def __init__(self, dp, result, index, port, network, frame, vnet, record, now, rng, trace):
+        self.dp: Datapath = dp
+        self.result: Result = result
+        self.index = index
+        self.port: Port = port
+        self.network: NetworkView = network
+        self.frame: bytes = frame
+        self.vnet: bytes | None = vnet
+        self.record = record  # the parser's record (numpy void) for this frame
+        self.now: float = now
+        self.rng: np.random.Generator = rng
+        self.trace: TraceRecord | None = trace
+        self.done = False
+
+    def emit(self, port: int, frame: bytes, vnet: bytes | None = None) -> None:
+        self.dp.transmit(self.result, port, frame, vnet, self.index, self.trace)
+
+    def reply(self, frame: bytes, stage: str, decision: str, detail: str = "") -> None:
+        """Send `frame` back out of the ingress port."""
+        self.note(stage, decision, detail)
+        self.emit(self.port.id, frame)
+        if self.trace is not None:
+            self.trace.verdict = "reply"
+        self.done = True
+
+    def drop(self, reason: str, stage: str, detail: str = "") -> None:
+        self.dp.count_drop(self.port.id, reason)
+        if self.trace is not None:
+            self.trace.add(stage, "drop", detail or reasons.BY_CODE[reason].meaning)
+            self.trace.verdict = "drop"
+            self.trace.reason = reason
+        self.done = True
+
+    def note(self, stage: str, decision: str, detail: str = "") -> None:
+        if self.trace is not None:
+            self.trace.add(stage, decision, detail)
+
+
+def ip_text(value: int) -> str:
+    return str(ipaddress.IPv4Address(value))
+
+
+def mac_text(value: int) -> str:
+    return ":".join(f"{b:02x}" for b in value.to_bytes(6, "big"))
+
+
+class Datapath:
+    """One node's datapath."""
+
+    def __init__(self, fabric: "Fabric", cluster: Cluster, node: str):
+        self.fabric = fabric
+        self.node = node
+        self.networks: dict[str, NetworkView] = {}
+        self.l2_stages: list[Stage] = []
+        self.l3_stages: list[Stage] = []
+        # (net, mask, name) of every network of the cluster, for isolation versus no-egress.
+        self.cluster_subnets = [
+            (int(n.subnet.network_address), int(n.subnet.netmask), n.name) for n in cluster.networks.values()
+        ]
+        for network in cluster.networks_on(node):
+            self.networks[network.name] = NetworkView(
+                model=network,
+                net=int(network.subnet.network_address),
+                mask=int(network.subnet.netmask),
+                gateway_ip=int(network.gateway),
+                gateway_mac=int.from_bytes(network.gateway_mac, "big"),
+                bridge=Bridge(network.name, []),
+            )
+
+    def attach(self, port: Port) -> None:
+        if port.network is not None:
+            self.networks[port.network].bridge.ports.append(port.id)
+            self.networks[port.network].bridge.ports.sort()
+
+    # ---- counters -------------------------------------------------------
+
+    def count_drop(self, port: int, reason: str) -> None:
+        self.fabric.drops[(port, reason)] += 1
+
+    def transmit(self, result: Result, port: int, frame: bytes, vnet, index: int, trace) -> None:
+        fabric = self.fabric
+        fabric.tx_packets[port] += 1
+        fabric.tx_bytes[port] += len(frame)
+        result.emits.append(Emit(port, frame, vnet, index, trace))
+        if trace is not None:
+            trace.egress.append(fabric.ports[port].name)
+
+    # ---- the per-frame pipeline ------------------------------------------
+
+    def handle(self, result: Result, i: int, port: Port, frame: bytes, vnet, records, cols, now, rng, trace) -> None:
+        status = cols.status[i]
+        if status:
+            reason = reasons.code_of(status)
+            self.count_drop(port.id, reason)
+            if trace is not None:
+                trace.add("parse", "drop", reasons.BY_NUMBER[status].meaning)
+                trace.verdict, trace.reason = "drop", reason
+            return
+
+        network = self.networks[port.network]
+        bridge = network.bridge
+        src = cols.src_mac[i]
+        dst = cols.dst_mac[i]
+        if is_multicast(src) or src == 0:
+            self._drop(port.id, "invalid-src-mac", "switch", trace, mac_text(src))
+            return
+        if not bridge.learn(src, port.id, now):
+            self.fabric.decisions["fdb-full"] += 1
+            if trace is not None:
+                trace.add("switch", "fdb-full", f"{mac_text(src)} not learned on {network.model.name}")
+        elif trace is not None:
+            trace.add("switch", "learn", f"{mac_text(src)} on {port.name} in {network.model.name}")
+
+        ctx = None
+        if self.l2_stages or (dst == network.gateway_mac and self.l3_stages):
+            ctx = FrameContext(self, result, i, port, network, frame, vnet, records[i], now, rng, trace)
+            for stage in self.l2_stages:
+                if stage.handle(ctx) or ctx.done:
+                    return
+
+        if dst == network.gateway_mac:
+            if ctx is not None:
+                for stage in self.l3_stages:
+                    if stage.handle(ctx) or ctx.done:
+                        return
+            self._to_gateway(result, i, port, network, frame, cols, trace)
+            return
+
+        if is_multicast(dst):
+            if (
+                cols.ethertype[i] == gateway.ETH_P_ARP
+                and cols.arp_op[i] == gateway.ARP_REQUEST
+                and cols.arp_tpa[i] == network.gateway_ip
+            ):
+                reply = gateway.arp_reply(cols.arp_sha[i], cols.arp_spa[i], network.gateway_mac, network.gateway_ip)
+                if trace is not None:
+                    trace.add("gateway", "arp-reply", f"{ip_text(network.gateway_ip)} is-at {mac_text(network.gateway_mac)}")
+                self.transmit(result, port.id, reply, None, i, trace)
+            self._flood(result, i, port, bridge, frame, vnet, trace, "broadcast" if dst == 0xFFFFFFFFFFFF else "multicast")
+            return
+
+        out = bridge.lookup(dst, now)
+        if out is None:
+            self._flood(result, i, port, bridge, frame, vnet, trace, "unknown unicast")
+            return
+        if out == port.id:
+            self._drop(port.id, "same-port", "switch", trace, f"{mac_text(dst)} learned on the ingress port")
+            return
+        if trace is not None:
+            trace.add("switch", "fdb-hit", f"{mac_text(dst)} on {self.fabric.ports[out].name}")
+            trace.verdict = "deliver"
+        self.transmit(result, out, frame, vnet, i, trace)
+
+    def _drop(self, port: int, reason: str, stage: str, trace, detail: str = "") -> None:
+        self.count_drop(port, reason)
+        if trace is not None:
+            trace.add(stage, "drop", detail or reasons.BY_CODE[reason].meaning)
+            trace.verdict, trace.reason = "drop", reason
+
+    def _flood(self, result, i, port, bridge, frame, vnet, trace, why: str) -> None:
+        targets = bridge.flood_ports(port.id)
+        if trace is not None:
+            trace.add("switch", "flood", f"{why} to {len(targets)} port(s) of {bridge.network}")
+        if not targets:
+            if trace is not None and not trace.egress:
+                trace.verdict = "flood"
+            return
+        for target in targets:
+            self.transmit(result, target, frame, vnet, i, trace)
+        if trace is not None and not trace.verdict:
+            trace.verdict = "flood"
+
+    def _to_gateway(self, result, i, port, network: NetworkView, frame, cols, trace) -> None:
+        """The gateway's own behaviour: ARP, ICMP echo, and a reason for everything else."""
+        ethertype = cols.ethertype[i]
+        if ethertype == gateway.ETH_P_ARP:
+            if cols.arp_op[i] == gateway.ARP_REQUEST and cols.arp_tpa[i] == network.gateway_ip:
+                reply = gateway.arp_reply(cols.arp_sha[i], cols.arp_spa[i], network.gateway_mac, network.gateway_ip)
+                if trace is not None:
+                    trace.add("gateway", "arp-reply", f"{ip_text(network.gateway_ip)} is-at {mac_text(network.gateway_mac)}")
+                    trace.verdict = "reply"
+                self.transmit(result, port.id, reply, None, i, trace)
+                return
+            self._drop(port.id, "gateway-no-service", "gateway", trace, "ARP not asking for the gateway")
+            return
+        if ethertype != gateway.ETH_P_IP:
+            self._drop(port.id, "unsupported-ethertype", "gateway", trace, f"ethertype 0x{ethertype:04x}")
+            return
+
+        dst = cols.ip_dst[i]
+        if dst == network.gateway_ip:
+            if cols.flags[i] & parse.IS_FRAGMENT:
+                self._drop(port.id, "ip-fragment", "gateway", trace)
+                return
+            if cols.flags[i] & parse.IS_ICMP and cols.icmp_type[i] == gateway.ICMP_ECHO_REQUEST:
+                reply = gateway.icmp_echo_reply(
+                    frame, cols.l3_off[i], cols.ip_ihl[i], cols.ip_tot_len[i], network.gateway_mac
+                )
+                if trace is not None:
+                    trace.add("gateway", "echo-reply", f"from {ip_text(dst)} id {cols.icmp_id[i]} seq {cols.icmp_seq[i]}")
+                    trace.verdict = "reply"
+                self.transmit(result, port.id, reply, None, i, trace)
+                return
+            self._drop(port.id, "gateway-no-service", "gateway", trace, f"proto {cols.ip_proto[i]} to {ip_text(dst)}")
+            return
+
+        if network.contains(dst):
+            self._drop(port.id, "gateway-no-service", "gateway", trace, f"{ip_text(dst)} is on-link; not routed")
+            return
+        if network.model.internal:
+            self._drop(port.id, "internal", "gateway", trace, f"{ip_text(dst)} outside internal network {network.model.name}")
+            return
+        for net, mask, name in self.cluster_subnets:
+            if dst & mask == net:
+                self._drop(port.id, "isolation", "gateway", trace, f"{ip_text(dst)} is on network {name}, not {network.model.name}")
+                return
+        self._drop(port.id, "no-egress", "gateway", trace, f"{ip_text(dst)} is outside the cluster")
+
+    def tick(self, now: float) -> int:
+        return sum(view.bridge.expire(now) for view in self.networks.values())
+
+
+class _Columns:
+    """Record fields as Python lists: one vectorised conversion per batch, cheap indexing per frame."""
+
+    FIELDS = (
+        "status", "flags", "dst_mac", "src_mac", "ethertype", "l3_off",
+        "arp_op", "arp_sha", "arp_spa", "arp_tpa",
+        "ip_src", "ip_dst", "ip_proto", "ip_ihl", "ip_tot_len",
+        "icmp_type", "icmp_id", "icmp_seq", "sport", "dport",
+    )
+
+    def __init__(self, records: np.ndarray):
+        for name in self.FIELDS:
+            setattr(self, name, records[name].tolist())
+
+
+class Fabric:
+    """Every node's datapath, with one global port numbering."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self.ports: list[Port] = []
+        self._by_name: dict[str, int] = {}
+        self.nodes: dict[str, Datapath] = {node.name: Datapath(self, cluster, node.name) for node in cluster.nodes}
+        self.drops: Counter[tuple[int, str]] = Counter()
+        self.decisions: Counter[str] = Counter()
+        self.rx_packets: list[int] = []
+        self.rx_bytes: list[int] = []
+        self.tx_packets: list[int] = []
+        self.tx_bytes: list[int] = []
+        self.next_trace_id = 1
+        self._records = None
+        for sandbox in cluster.sandboxes.values():
+            for endpoint in sandbox.endpoints:
+                self.add_port(
+                    Port(
+                        id=-1,
+                        name=port_name(sandbox.node, sandbox.name, endpoint.ifname),
+                        node=sandbox.node,
+                        kind="tap",
+                        network=endpoint.network,
+                        sandbox=sandbox.name,
+                        ifname=endpoint.ifname,
+                        mac=int.from_bytes(endpoint.mac, "big"),
+                        ip=int(endpoint.ip),
+                    )
+                )
+
+    def add_port(self, port: Port) -> int:
+        if port.name in self._by_name:
+            raise ValueError(f"duplicate port name {port.name!r}")
+        port.id = len(self.ports)
+        self.ports.append(port)
+        self._by_name[port.name] = port.id
+        for counter in (self.rx_packets, self.rx_bytes, self.tx_packets, self.tx_bytes):
+            counter.append(0)
+        self.nodes[port.node].attach(port)
+        return port.id
+
+    @property
+    def port_names(self) -> list[str]:
+        return [p.name for p in self.ports]
+
+    def port_id(self, name: str) -> int:
+        return self._by_name[name]
+
+    def process(self, batch: FrameBatch, now: float | None, rng: np.random.Generator, trace: bool = False) -> Result:
+        """Run every frame of `batch` through its node's datapath.
+
+        `now` is the time for the whole batch (live runtime); None means each
+        frame's own `batch.timestamps` entry (replay).
+        """
+        result = Result()
+        count = batch.count
+        if count == 0:
+            return result
+        if self._records is None or len(self._records) < count:
+            self._records = np.zeros(max(count, batch.capacity_frames), dtype=parse.RECORD_DTYPE)
+        records = parse.parse_batch(batch, out=self._records)[:count]
+        cols = _Columns(records)
+        data = batch.buf[: batch.used].tobytes()
+        offsets = batch.offsets[:count].tolist()
+        lengths = batch.lengths[:count].tolist()
+        port_ids = batch.ports[:count].tolist()
+        has_vnet = batch.vnet[:count].any(axis=1).tolist()
+        times = batch.timestamps[:count].tolist() if now is None else None
+        n_ports = len(self.ports)
+
+        for i in range(count):
+            pid = port_ids[i]
+            t = times[i] if times is not None else now
+            start = offsets[i]
+            frame = data[start : start + lengths[i]]
+            vnet = batch.vnet[i].tobytes() if has_vnet[i] else None
+            record = None
+            if trace:
+                record = TraceRecord(
+                    self.next_trace_id,
+                    t,
+                    self.ports[pid].node if 0 <= pid < n_ports else "?",
+                    self.ports[pid].name if 0 <= pid < n_ports else f"port {pid}",
+                    describe(records[i]),
+                )
+                self.next_trace_id += 1
+                result.records.append(record)
+            if not 0 <= pid < n_ports:
+                self.drops[(-1, "unknown-port")] += 1
+                if record is not None:
+                    record.add("datapath", "drop", f"no port with id {pid}")
+                    record.verdict, record.reason = "drop", "unknown-port"
+                continue
+            port = self.ports[pid]
+            self.rx_packets[pid] += 1
+            self.rx_bytes[pid] += lengths[i]
+            self.nodes[port.node].handle(result, i, port, frame, vnet, records, cols, t, rng, record)
+        return result
+
+    def tick(self, now: float) -> int:
+        """Run the timers (MAC ageing); returns the number of FDB entries removed."""
+        return sum(dp.tick(now) for dp in self.nodes.values())
+
+    def counters(self) -> dict[str, dict]:
+        out = {}
+        for port in self.ports:
+            out[port.name] = {
+                "rx_packets": self.rx_packets[port.id],
+                "rx_bytes": self.rx_bytes[port.id],
+                "tx_packets": self.tx_packets[port.id],
+                "tx_bytes": self.tx_bytes[port.id],
+                "drops": {},
+            }
+        for (pid, reason), n in sorted(self.drops.items()):
+            name = self.ports[pid].name if pid >= 0 else "(unknown port)"
+            out.setdefault(name, {"rx_packets": 0, "rx_bytes": 0, "tx_packets": 0, "tx_bytes": 0, "drops": {}})
+            out[name]["drops"][reason] = n
+        return out
+
+    def drops_by_reason(self) -> dict[str, int]:
+        totals: Counter[str] = Counter()
+        for (_, reason), n in self.drops.items():
+            totals[reason] += n
+        return dict(sorted(totals.items()))
+
+    def fdb(self, now: float) -> list[dict]:
+        """Rows shaped like `bridge fdb show`: MAC, port, network, node, age, static."""
+        rows = []
+        for dp in self.nodes.values():
+            for view in dp.networks.values():
+                for mac, port, age, static in view.bridge.rows(now):
+                    rows.append(
+                        {
+                            "mac": mac_text(mac),
+                            "port": self.ports[port].name,
+                            "network": view.model.name,
+                            "node": dp.node,
+                            "age": round(age, 3),
+                            "static": static,
+                        }
+                    )
+        return rows

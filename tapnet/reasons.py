@@ -1,0 +1,81 @@
+"""Reason codes for every drop and for notable decisions.
+
+One table serves the parser (which stores the number), the datapath's
+counters, the trace, `docs/reasons.md` and the tests. Codes are stable: never
+renumber or rename one, only append.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reason:
+    number: int
+    code: str
+    meaning: str
+
+
+_TABLE = (
+    Reason(0, "ok", "not dropped"),
+    # Set by the numba parser (tapnet/parse.py).
+    Reason(1, "malformed-ethernet", "frame shorter than an Ethernet header (14 bytes)"),
+    Reason(2, "malformed-vlan", "802.1Q tag truncated"),
+    Reason(3, "malformed-arp", "ARP header truncated or not Ethernet/IPv4 (htype 1, ptype 0x0800, hlen 6, plen 4)"),
+    Reason(4, "malformed-ipv4", "IPv4 header truncated, version not 4, IHL below 5, or total length inconsistent with the frame"),
+    Reason(5, "malformed-ipv6", "IPv6 fixed header truncated, version not 6, or payload length beyond the frame"),
+    Reason(6, "malformed-icmp", "ICMP header truncated"),
+    Reason(7, "malformed-udp", "UDP header truncated or its length inconsistent with the IP payload"),
+    Reason(8, "malformed-tcp", "TCP header truncated or data offset below 5 or beyond the segment"),
+    Reason(9, "malformed-vxlan", "VXLAN header or inner Ethernet header truncated"),
+    Reason(10, "malformed-vnet-hdr", "virtio-net header inconsistent with the frame (checksum or GSO fields out of range)"),
+    # Set by the datapath stages.
+    Reason(20, "unknown-port", "frame from a port this node does not have"),
+    Reason(21, "invalid-src-mac", "source MAC is multicast, broadcast or all zeros"),
+    Reason(22, "same-port", "destination MAC was learned on the port the frame came from"),
+    Reason(23, "isolation", "destination belongs to another network; networks are isolated"),
+    Reason(24, "no-egress", "destination outside the cluster; tapnet has no egress"),
+    Reason(25, "internal", "internal network: destination outside the network's subnet"),
+    Reason(26, "gateway-no-service", "packet for the gateway address that no gateway service handles"),
+    Reason(27, "ip-fragment", "IPv4 fragment addressed to the gateway; tapnet does not reassemble"),
+    Reason(28, "ttl-exceeded", "IPv4 TTL would reach zero when routed by the gateway"),
+    Reason(29, "unsupported-ethertype", "frame to the gateway MAC that is neither ARP nor IPv4"),
+    Reason(30, "no-port", "no local port remained to flood to"),
+    # Decisions that are counted but do not drop the frame.
+    Reason(40, "fdb-full", "MAC table of the network full: source MAC not learned, frame still forwarded"),
+)
+
+# Reasons that count a decision but never a drop.
+NOT_DROPS = frozenset({"ok", "fdb-full"})
+
+BY_CODE: dict[str, Reason] = {r.code: r for r in _TABLE}
+BY_NUMBER: dict[int, Reason] = {r.number: r for r in _TABLE}
+
+OK = 0
+MALFORMED_ETHERNET = 1
+MALFORMED_VLAN = 2
+MALFORMED_ARP = 3
+MALFORMED_IPV4 = 4
+MALFORMED_IPV6 = 5
+MALFORMED_ICMP = 6
+MALFORMED_UDP = 7
+MALFORMED_TCP = 8
+MALFORMED_VXLAN = 9
+MALFORMED_VNET_HDR = 10
+
+
+def code_of(number: int) -> str:
+    return BY_NUMBER[number].code
+
+
+def all_reasons() -> tuple[Reason, ...]:
+    return _TABLE
+
+
+def markdown_table() -> str:
+    """The reason table as Markdown, as `docs/reasons.md` shows it."""
+    lines = ["| number | code | meaning |", "|---:|---|---|"]
+    for reason in _TABLE:
+        lines.append(f"| {reason.number} | `{reason.code}` | {reason.meaning} |")
+    return "\n".join(lines) + "\n"
