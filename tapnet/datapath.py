@@ -37,17 +37,17 @@ through `ctx`). Stages see a `FrameContext`, never the runtime.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from tapnet import gateway, parse, reasons
+from tapnet import gateway, parse, reasons, vxlan
 from tapnet.batch import FrameBatch
 from tapnet.model import Cluster, Network, port_name
 from tapnet.switch import Bridge, is_multicast
+from tapnet import trace as trace_module
 from tapnet.trace import TraceRecord, describe
 
 
@@ -56,13 +56,14 @@ class Port:
     id: int
     name: str
     node: str
-    kind: str  # "tap": a sandbox endpoint
+    kind: str  # "tap": a sandbox endpoint; "vxlan": the node's VTEP
     network: str | None = None
     sandbox: str | None = None
     ifname: str | None = None
     mac: int = 0
     ip: int = 0
     offload: bool = True  # takes GSO superframes and partial checksums
+    removed: bool = False  # its sandbox left the cluster; frames from it are dropped as unknown-port
 
 
 @dataclass
@@ -144,12 +145,8 @@ class FrameContext:
             self.trace.add(stage, decision, detail)
 
 
-def ip_text(value: int) -> str:
-    return str(ipaddress.IPv4Address(value))
-
-
-def mac_text(value: int) -> str:
-    return ":".join(f"{b:02x}" for b in value.to_bytes(6, "big"))
+ip_text = trace_module._ip
+mac_text = trace_module._mac
 
 
 class Datapath:
@@ -165,6 +162,9 @@ class Datapath:
         self.cluster_subnets = [
             (int(n.subnet.network_address), int(n.subnet.netmask), n.name) for n in cluster.networks.values()
         ]
+        self.peers = vxlan.PeerTable.build(cluster, node)
+        self.vxlan_port: int | None = None  # id of `<node>/vxlan`, set by attach
+        self.ip_id = 0  # outer IPv4 identification, one counter per VTEP
         for network in cluster.networks_on(node):
             self.networks[network.name] = NetworkView(
                 model=network,
@@ -176,6 +176,8 @@ class Datapath:
             )
 
     def attach(self, port: Port) -> None:
+        if port.kind == "vxlan":
+            self.vxlan_port = port.id
         if port.network is not None:
             self.networks[port.network].bridge.ports.append(port.id)
             self.networks[port.network].bridge.ports.sort()
@@ -195,8 +197,10 @@ class Datapath:
 
     # ---- the per-frame pipeline ------------------------------------------
 
-    def handle(self, result: Result, i: int, port: Port, frame: bytes, vnet, records, cols, now, rng, trace) -> None:
+    def handle(self, result: Result, i: int, port: Port, frame: bytes, vnet, records, cols, inner, now, rng, trace) -> None:
         status = cols.status[i]
+        if status == reasons.MALFORMED_VXLAN and port.kind != "vxlan":
+            status = 0  # UDP to port 4789 between sandboxes is plain UDP; its UDP header parsed whole
         if status:
             reason = reasons.code_of(status)
             self.count_drop(port.id, reason)
@@ -204,8 +208,12 @@ class Datapath:
                 trace.add("parse", "drop", reasons.BY_NUMBER[status].meaning)
                 trace.verdict, trace.reason = "drop", reason
             return
+        if port.kind == "vxlan":
+            self._from_tunnel(result, i, port, frame, cols, inner, trace)
+            return
+        self._bridge(result, i, port, self.networks[port.network], frame, vnet, records, cols, now, rng, trace)
 
-        network = self.networks[port.network]
+    def _bridge(self, result, i, port: Port, network: NetworkView, frame, vnet, records, cols, now, rng, trace) -> None:
         bridge = network.bridge
         src = cols.src_mac[i]
         dst = cols.dst_mac[i]
@@ -234,18 +242,18 @@ class Datapath:
             self._to_gateway(result, i, port, network, frame, cols, trace)
             return
 
+        peers = self.peers.by_network.get(network.model.name)
         if is_multicast(dst):
-            if (
-                cols.ethertype[i] == gateway.ETH_P_ARP
-                and cols.arp_op[i] == gateway.ARP_REQUEST
-                and cols.arp_tpa[i] == network.gateway_ip
-            ):
-                reply = gateway.arp_reply(cols.arp_sha[i], cols.arp_spa[i], network.gateway_mac, network.gateway_ip)
-                if trace is not None:
-                    trace.add("gateway", "arp-reply", f"{ip_text(network.gateway_ip)} is-at {mac_text(network.gateway_mac)}")
-                self.transmit(result, port.id, reply, None, i, trace)
+            if cols.ethertype[i] == gateway.ETH_P_ARP and cols.arp_op[i] == gateway.ARP_REQUEST:
+                self._answer_arp(result, i, port, network, peers, cols, trace)
             self._flood(result, i, port, bridge, frame, vnet, trace, "broadcast" if dst == 0xFFFFFFFFFFFF else "multicast")
             return
+
+        if peers is not None:
+            vtep = peers.mac_to_vtep.get(dst)
+            if vtep is not None:
+                self._to_tunnel(result, i, port, peers, vtep, frame, vnet, trace)
+                return
 
         out = bridge.lookup(dst, now)
         if out is None:
@@ -258,6 +266,91 @@ class Datapath:
             trace.add("switch", "fdb-hit", f"{mac_text(dst)} on {self.fabric.ports[out].name}")
             trace.verdict = "deliver"
         self.transmit(result, out, frame, vnet, i, trace)
+
+    def _answer_arp(self, result, i, port, network: NetworkView, peers, cols, trace) -> None:
+        """Answer a broadcast ARP request for the gateway, or for a remote endpoint (ARP suppression)."""
+        target = cols.arp_tpa[i]
+        if target == network.gateway_ip:
+            mac, stage, decision = network.gateway_mac, "gateway", "arp-reply"
+        elif peers is not None and target in peers.ip_to_mac:
+            mac, stage, decision = peers.ip_to_mac[target], "vxlan", "arp-suppress"
+        else:
+            return
+        reply = gateway.arp_reply(cols.arp_sha[i], cols.arp_spa[i], mac, target)
+        if trace is not None:
+            trace.add(stage, decision, f"{ip_text(target)} is-at {mac_text(mac)}")
+            trace.verdict = "reply"
+        self.transmit(result, port.id, reply, None, i, trace)
+
+    def _to_tunnel(self, result, i, port, peers: vxlan.OverlayPeers, vtep: int, frame, vnet, trace) -> None:
+        """Encapsulate a frame for a remote endpoint and emit it on this node's VTEP port."""
+        if vnet is not None:
+            from tapnet import offload  # numba compile on first use only
+
+            try:
+                frames = offload.segment(frame, vnet)
+            except ValueError as error:
+                self._drop(port.id, "offload-failed", "vxlan", trace, str(error))
+                return
+        else:
+            frames = [frame]
+        for inner in frames:
+            self.ip_id = (self.ip_id + 1) & 0xFFFF
+            outer = vxlan.encapsulate(
+                inner, peers.vni, self.peers.vtep_ip, vtep, self.peers.vtep_mac,
+                vxlan.derived_mac(vtep), self.ip_id,
+            )
+            self.transmit(result, self.vxlan_port, outer, None, i, trace)
+        if trace is not None:
+            detail = f"vni {peers.vni} to vtep {ip_text(vtep)}"
+            if len(frames) > 1:
+                detail += f", {len(frames)} segments"
+            trace.add("vxlan", "encap", detail)
+            trace.verdict = "deliver"
+
+    def _from_tunnel(self, result, i, port: Port, frame, cols, inner, trace) -> None:
+        """Check a datagram that arrived on the VTEP and deliver its inner frame to a local endpoint."""
+        if not cols.flags[i] & parse.IS_VXLAN:
+            self._drop(port.id, "not-vxlan", "vxlan", trace)
+            return
+        src = cols.ip_src[i]
+        if src not in self.peers.known_vteps:
+            self._drop(port.id, "vxlan-unknown-vtep", "vxlan", trace, f"from {ip_text(src)}")
+            return
+        if not cols.vxlan_flags[i] & vxlan.VXLAN_FLAG_I:
+            self._drop(port.id, "vxlan-i-flag-clear", "vxlan", trace, f"flags {cols.vxlan_flags[i]:#04x}")
+            return
+        vni = cols.vni[i]
+        peers = self.peers.by_vni.get(vni)
+        if peers is None or peers.network not in self.networks:
+            self._drop(port.id, "vxlan-unknown-vni", "vxlan", trace, f"vni {vni}")
+            return
+        status = inner.status[i]
+        if status:
+            self._drop(port.id, reasons.code_of(status), "vxlan", trace, "inner frame: " + reasons.BY_NUMBER[status].meaning)
+            return
+        dst = inner.dst_mac[i]
+        if is_multicast(dst):
+            self._drop(port.id, "vxlan-broadcast", "vxlan", trace, f"inner destination {mac_text(dst)}")
+            return
+        if dst not in peers.local_macs:
+            self._drop(port.id, "vxlan-unknown-mac", "vxlan", trace, f"{mac_text(dst)} on network {peers.network}")
+            return
+        bridge = self.networks[peers.network].bridge
+        out = self.local_port_of(peers.network, dst)
+        if out is None:
+            self._drop(port.id, "vxlan-unknown-mac", "vxlan", trace, f"{mac_text(dst)} has no port")
+            return
+        start = cols.inner_off[i]
+        end = cols.payload_off[i] + cols.payload_len[i]
+        if trace is not None:
+            trace.add("vxlan", "decap", f"vni {vni} from vtep {ip_text(src)} to network {bridge.network}")
+            trace.add("switch", "deliver", f"{mac_text(dst)} on {self.fabric.ports[out].name}")
+            trace.verdict = "deliver"
+        self.transmit(result, out, frame[start:end], None, i, trace)
+
+    def local_port_of(self, network: str, mac: int) -> int | None:
+        return self.fabric.endpoint_ports.get((network, mac))
 
     def _drop(self, port: int, reason: str, stage: str, trace, detail: str = "") -> None:
         self.count_drop(port, reason)
@@ -327,6 +420,21 @@ class Datapath:
     def tick(self, now: float) -> int:
         return sum(view.bridge.expire(now) for view in self.networks.values())
 
+    def follow(self, cluster: Cluster) -> None:
+        """Adopt a changed cluster: new peer table, and no FDB entry for a MAC that moved away."""
+        self.peers = vxlan.PeerTable.build(cluster, self.node)
+        self.cluster_subnets = [
+            (int(n.subnet.network_address), int(n.subnet.netmask), n.name) for n in cluster.networks.values()
+        ]
+        for name, peers in self.peers.by_network.items():
+            view = self.networks.get(name)
+            if view is None:
+                continue
+            for mac in peers.mac_to_vtep:
+                entry = view.bridge.fdb.pop(mac, None)
+                if entry is not None and not entry.static:
+                    view.bridge.learned -= 1
+
 
 class _Columns:
     """Record fields as Python lists: one vectorised conversion per batch, cheap indexing per frame."""
@@ -336,6 +444,7 @@ class _Columns:
         "arp_op", "arp_sha", "arp_spa", "arp_tpa",
         "ip_src", "ip_dst", "ip_proto", "ip_ihl", "ip_tot_len",
         "icmp_type", "icmp_id", "icmp_seq", "sport", "dport",
+        "tcp_flags", "payload_off", "payload_len", "ip6_next", "vxlan_flags", "vni", "inner_off",
     )
 
     def __init__(self, records: np.ndarray):
@@ -358,22 +467,14 @@ class Fabric:
         self.tx_packets: list[int] = []
         self.tx_bytes: list[int] = []
         self.next_trace_id = 1
+        self.endpoint_ports: dict[tuple[str, int], int] = {}  # (network, MAC) -> port of a local endpoint
         self._records = None
+        self._inner = None
+        for node in cluster.nodes:
+            self.add_port(Port(id=-1, name=f"{node.name}/vxlan", node=node.name, kind="vxlan", offload=False))
         for sandbox in cluster.sandboxes.values():
             for endpoint in sandbox.endpoints:
-                self.add_port(
-                    Port(
-                        id=-1,
-                        name=port_name(sandbox.node, sandbox.name, endpoint.ifname),
-                        node=sandbox.node,
-                        kind="tap",
-                        network=endpoint.network,
-                        sandbox=sandbox.name,
-                        ifname=endpoint.ifname,
-                        mac=int.from_bytes(endpoint.mac, "big"),
-                        ip=int(endpoint.ip),
-                    )
-                )
+                self.add_port(self._endpoint_port(sandbox, endpoint))
 
     def add_port(self, port: Port) -> int:
         if port.name in self._by_name:
@@ -384,7 +485,48 @@ class Fabric:
         for counter in (self.rx_packets, self.rx_bytes, self.tx_packets, self.tx_bytes):
             counter.append(0)
         self.nodes[port.node].attach(port)
+        if port.kind == "tap":
+            self.endpoint_ports[(port.network, port.mac)] = port.id
         return port.id
+
+    def update_cluster(self, cluster: Cluster) -> list[int]:
+        """Follow a changed cluster (tasks added or removed); return the ids of new ports.
+
+        Ports of removed sandboxes stop at once: their FDB entries go and
+        frames still read from them count as `unknown-port`. Port ids are never
+        reused, so the runtime's fd table stays valid. Networks must not change.
+        """
+        wanted = {}
+        for sandbox in cluster.sandboxes.values():
+            for endpoint in sandbox.endpoints:
+                wanted[port_name(sandbox.node, sandbox.name, endpoint.ifname)] = (sandbox, endpoint)
+        for port in self.ports:
+            if port.kind == "tap" and not port.removed and port.name not in wanted:
+                port.removed = True
+                del self._by_name[port.name]
+                self.endpoint_ports.pop((port.network, port.mac), None)
+                self.nodes[port.node].networks[port.network].bridge.remove_port(port.id)
+        added = []
+        for name, (sandbox, endpoint) in wanted.items():
+            if name not in self._by_name:
+                added.append(self.add_port(self._endpoint_port(sandbox, endpoint)))
+        self.cluster = cluster
+        for dp in self.nodes.values():
+            dp.follow(cluster)
+        return added
+
+    def _endpoint_port(self, sandbox, endpoint) -> Port:
+        return Port(
+            id=-1,
+            name=port_name(sandbox.node, sandbox.name, endpoint.ifname),
+            node=sandbox.node,
+            kind="tap",
+            network=endpoint.network,
+            sandbox=sandbox.name,
+            ifname=endpoint.ifname,
+            mac=int.from_bytes(endpoint.mac, "big"),
+            ip=int(endpoint.ip),
+        )
 
     @property
     def port_names(self) -> list[str]:
@@ -407,6 +549,11 @@ class Fabric:
             self._records = np.zeros(max(count, batch.capacity_frames), dtype=parse.RECORD_DTYPE)
         records = parse.parse_batch(batch, out=self._records)[:count]
         cols = _Columns(records)
+        inner = None
+        if any(cols.flags[i] & parse.IS_VXLAN for i in range(count)):
+            if self._inner is None or len(self._inner) < len(self._records):
+                self._inner = np.zeros(len(self._records), dtype=parse.RECORD_DTYPE)
+            inner = _Columns(parse.parse_inner(batch, records, out=self._inner))
         data = batch.buf[: batch.used].tobytes()
         offsets = batch.offsets[:count].tolist()
         lengths = batch.lengths[:count].tolist()
@@ -428,11 +575,11 @@ class Fabric:
                     t,
                     self.ports[pid].node if 0 <= pid < n_ports else "?",
                     self.ports[pid].name if 0 <= pid < n_ports else f"port {pid}",
-                    describe(records[i]),
+                    describe(cols, i),
                 )
                 self.next_trace_id += 1
                 result.records.append(record)
-            if not 0 <= pid < n_ports:
+            if not 0 <= pid < n_ports or self.ports[pid].removed:
                 self.drops[(-1, "unknown-port")] += 1
                 if record is not None:
                     record.add("datapath", "drop", f"no port with id {pid}")
@@ -441,7 +588,7 @@ class Fabric:
             port = self.ports[pid]
             self.rx_packets[pid] += 1
             self.rx_bytes[pid] += lengths[i]
-            self.nodes[port.node].handle(result, i, port, frame, vnet, records, cols, t, rng, record)
+            self.nodes[port.node].handle(result, i, port, frame, vnet, records, cols, inner, t, rng, record)
         return result
 
     def tick(self, now: float) -> int:

@@ -42,6 +42,14 @@ _TABLE = (
     Reason(28, "ttl-exceeded", "IPv4 TTL would reach zero when routed by the gateway"),
     Reason(29, "unsupported-ethertype", "frame to the gateway MAC that is neither ARP nor IPv4"),
     Reason(30, "no-port", "no local port remained to flood to"),
+    # Set by the VXLAN stage (tapnet/vxlan.py).
+    Reason(50, "not-vxlan", "frame on a VTEP port that is not VXLAN over UDP"),
+    Reason(51, "vxlan-unknown-vtep", "VXLAN datagram from an address that is not a known VTEP"),
+    Reason(52, "vxlan-i-flag-clear", "VXLAN header without the I flag: the VNI is not valid (RFC 7348)"),
+    Reason(53, "vxlan-unknown-vni", "VXLAN datagram for a VNI of no overlay network on this node"),
+    Reason(54, "vxlan-unknown-mac", "inner frame for a MAC that is not an endpoint of that network on this node"),
+    Reason(55, "vxlan-broadcast", "inner broadcast or multicast frame: broadcast does not cross the tunnel"),
+    Reason(56, "offload-failed", "superframe or partial checksum that could not be segmented or completed"),
     # Decisions that are counted but do not drop the frame.
     Reason(40, "fdb-full", "MAC table of the network full: source MAC not learned, frame still forwarded"),
 )
@@ -79,3 +87,18 @@ def markdown_table() -> str:
     for reason in _TABLE:
         lines.append(f"| {reason.number} | `{reason.code}` | {reason.meaning} |")
     return "\n".join(lines) + "\n"
+
+
+DOC_HEADER = """# Reason codes
+
+Every frame the datapath drops is counted under a reason code, per port
+(`tapnet stats`, `tapnet replay --summary`) and named in its trace record.
+A few codes count decisions that do not drop the frame (`fdb-full`).
+Codes are stable: they are never renumbered or renamed, only added.
+This page is generated from `tapnet/reasons.py` by
+`python -m tapnet.reasons > docs/reasons.md`; a test checks that the two agree.
+
+"""
+
+if __name__ == "__main__":
+    print(DOC_HEADER + markdown_table(), end="")

@@ -60,40 +60,49 @@ class TraceRecord:
         }
 
 
-def describe(rec) -> str:
-    """Summarise a parsed frame in tcpdump's words, from its parser record."""
+def describe(cols, i: int) -> str:
+    """Summarise parsed frame `i` in tcpdump's words, from the parser's columns."""
     from tapnet import parse
 
-    def ip(value: int) -> str:
-        return ".".join(str((int(value) >> shift) & 0xFF) for shift in (24, 16, 8, 0))
-
-    flags = int(rec["flags"])
-    if int(rec["status"]):
-        return f"malformed frame, {int(rec['ethertype']):#06x}"
+    flags = cols.flags[i]
+    if cols.status[i]:
+        return f"malformed frame, ethertype {cols.ethertype[i]:#06x}"
     if flags & parse.IS_ARP:
-        op = int(rec["arp_op"])
+        op = cols.arp_op[i]
         if op == 1:
-            return f"ARP, Request who-has {ip(rec['arp_tpa'])} tell {ip(rec['arp_spa'])}"
+            return f"ARP, Request who-has {_ip(cols.arp_tpa[i])} tell {_ip(cols.arp_spa[i])}"
         if op == 2:
-            mac = ":".join(f"{b:02x}" for b in int(rec["arp_sha"]).to_bytes(6, "big"))
-            return f"ARP, Reply {ip(rec['arp_spa'])} is-at {mac}"
+            return f"ARP, Reply {_ip(cols.arp_spa[i])} is-at {_mac(cols.arp_sha[i])}"
         return f"ARP, op {op}"
     if flags & parse.IS_IPV4:
-        head = f"IP {ip(rec['ip_src'])}"
-        tail = f"{ip(rec['ip_dst'])}"
+        src, dst = _ip(cols.ip_src[i]), _ip(cols.ip_dst[i])
         if flags & parse.IS_TCP:
-            return f"{head}.{int(rec['sport'])} > {tail}.{int(rec['dport'])}: TCP flags {tcp_flags(int(rec['tcp_flags']))}, length {int(rec['payload_len'])}"
-        if flags & parse.IS_UDP:
-            return f"{head}.{int(rec['sport'])} > {tail}.{int(rec['dport'])}: UDP, length {int(rec['payload_len'])}"
-        if flags & parse.IS_ICMP:
-            kind = {0: "echo reply", 8: "echo request", 3: "unreachable", 11: "time exceeded"}.get(
-                int(rec["icmp_type"]), f"type {int(rec['icmp_type'])}"
+            return (
+                f"IP {src}.{cols.sport[i]} > {dst}.{cols.dport[i]}: "
+                f"Flags {tcp_flags(cols.tcp_flags[i])}, length {cols.payload_len[i]}"
             )
-            return f"{head} > {tail}: ICMP {kind}, id {int(rec['icmp_id'])}, seq {int(rec['icmp_seq'])}"
-        return f"{head} > {tail}: proto {int(rec['ip_proto'])}"
+        if flags & parse.IS_UDP:
+            return f"IP {src}.{cols.sport[i]} > {dst}.{cols.dport[i]}: UDP, length {cols.payload_len[i]}"
+        if flags & parse.IS_ICMP:
+            kind = ICMP_TYPES.get(cols.icmp_type[i], f"type {cols.icmp_type[i]}")
+            return f"IP {src} > {dst}: ICMP {kind}, id {cols.icmp_id[i]}, seq {cols.icmp_seq[i]}"
+        if flags & parse.IS_FRAGMENT:
+            return f"IP {src} > {dst}: fragment, proto {cols.ip_proto[i]}"
+        return f"IP {src} > {dst}: proto {cols.ip_proto[i]}"
     if flags & parse.IS_IPV6:
-        return f"IP6 next-header {int(rec['ip6_next'])}"
-    return f"ethertype {int(rec['ethertype']):#06x}"
+        return f"IP6, next-header {cols.ip6_next[i]}"
+    return f"ethertype {cols.ethertype[i]:#06x}"
+
+
+ICMP_TYPES = {0: "echo reply", 3: "unreachable", 8: "echo request", 11: "time exceeded"}
+
+
+def _ip(value: int) -> str:
+    return f"{value >> 24}.{(value >> 16) & 0xFF}.{(value >> 8) & 0xFF}.{value & 0xFF}"
+
+
+def _mac(value: int) -> str:
+    return ":".join(f"{b:02x}" for b in value.to_bytes(6, "big"))
 
 
 def tcp_flags(value: int) -> str:
