@@ -158,6 +158,9 @@ class Datapath:
         self.networks: dict[str, NetworkView] = {}
         self.l2_stages: list[Stage] = []
         self.l3_stages: list[Stage] = []
+        # Stages that own a port kind other than "tap" and "vxlan" (for example
+        # "upstream" for DNS forwarding): frames read from such a port go to them.
+        self.port_handlers: dict[str, Stage] = {}
         # (net, mask, name) of every network of the cluster, for isolation versus no-egress.
         self.cluster_subnets = [
             (int(n.subnet.network_address), int(n.subnet.netmask), n.name) for n in cluster.networks.values()
@@ -210,6 +213,13 @@ class Datapath:
             return
         if port.kind == "vxlan":
             self._from_tunnel(result, i, port, frame, cols, inner, trace)
+            return
+        if port.kind != "tap":
+            handler = self.port_handlers.get(port.kind)
+            ctx = FrameContext(self, result, i, port, None, frame, vnet, records[i], now, rng, trace)
+            if handler is None or not handler.handle(ctx):
+                if not ctx.done:
+                    self._drop(port.id, "unknown-port", "datapath", trace, f"nothing handles {port.kind} ports")
             return
         self._bridge(result, i, port, self.networks[port.network], frame, vnet, records, cols, now, rng, trace)
 
@@ -417,8 +427,20 @@ class Datapath:
                 return
         self._drop(port.id, "no-egress", "gateway", trace, f"{ip_text(dst)} is outside the cluster")
 
-    def tick(self, now: float) -> int:
-        return sum(view.bridge.expire(now) for view in self.networks.values())
+    def tick(self, now: float, result: Result) -> None:
+        """Run this node's timers: MAC ageing, then each stage's own `tick(now, result)`."""
+        for view in self.networks.values():
+            view.bridge.expire(now)
+        for stage in self.timed_stages():
+            stage.tick(now, result)
+
+    def timed_stages(self) -> list:
+        seen, out = set(), []
+        for stage in [*self.l2_stages, *self.l3_stages, *self.port_handlers.values()]:
+            if id(stage) not in seen and hasattr(stage, "tick"):
+                seen.add(id(stage))
+                out.append(stage)
+        return out
 
     def follow(self, cluster: Cluster) -> None:
         """Adopt a changed cluster: new peer table, and no FDB entry for a MAC that moved away."""
@@ -434,6 +456,24 @@ class Datapath:
                 entry = view.bridge.fdb.pop(mac, None)
                 if entry is not None and not entry.static:
                     view.bridge.learned -= 1
+
+
+# Modules whose `install(datapath)` adds their stages to each node's
+# datapath, in this order. A module that is not there yet is skipped.
+STAGE_MODULES = ("tapnet.dns", "tapnet.lb")
+
+
+def install_stages(dp: "Datapath") -> None:
+    import importlib
+
+    for name in STAGE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name:
+                raise
+            continue
+        module.install(dp)
 
 
 class _Columns:
@@ -472,6 +512,9 @@ class Fabric:
         self._inner = None
         for node in cluster.nodes:
             self.add_port(Port(id=-1, name=f"{node.name}/vxlan", node=node.name, kind="vxlan", offload=False))
+            self.add_port(Port(id=-1, name=f"{node.name}/upstream", node=node.name, kind="upstream", offload=False))
+        for dp in self.nodes.values():
+            install_stages(dp)
         for sandbox in cluster.sandboxes.values():
             for endpoint in sandbox.endpoints:
                 self.add_port(self._endpoint_port(sandbox, endpoint))
@@ -591,9 +634,12 @@ class Fabric:
             self.nodes[port.node].handle(result, i, port, frame, vnet, records, cols, inner, t, rng, record)
         return result
 
-    def tick(self, now: float) -> int:
-        """Run the timers (MAC ageing); returns the number of FDB entries removed."""
-        return sum(dp.tick(now) for dp in self.nodes.values())
+    def tick(self, now: float) -> Result:
+        """Run every node's timers; frames they send (timeouts, retransmissions) are in the result."""
+        result = Result()
+        for dp in self.nodes.values():
+            dp.tick(now, result)
+        return result
 
     def counters(self) -> dict[str, dict]:
         out = {}
