@@ -12,22 +12,33 @@ import importlib
 import logging
 import sys
 
-# Modules that contribute subcommands, in the order `tapnet --help` lists them.
-# A module that is missing (not built yet) is skipped.
-SUBCOMMAND_MODULES = (
-    "tapnet.control",  # start, stop, ps, inspect, exec
-    "tapnet.replay",  # replay
-)
+# Modules that contribute subcommands, with the commands each one adds, in the
+# order `tapnet --help` lists them. A module that is missing (not built yet)
+# is skipped.
+SUBCOMMAND_MODULES = {
+    "tapnet.control": ("start", "stop", "ps", "inspect", "stats", "exec"),
+    "tapnet.replay": ("replay",),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _modules_for(argv: list[str]) -> list[str]:
+    """Only the module that owns the requested command, so `tapnet ps` does not import numba."""
+    words = [a for a in argv if not a.startswith("-")]
+    if words:
+        for module, commands in SUBCOMMAND_MODULES.items():
+            if words[0] in commands:
+                return [module]
+    return list(SUBCOMMAND_MODULES)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tapnet",
         description="Docker's container networking as a packet-level userspace router.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
+    for name in _modules_for(sys.argv[1:] if argv is None else argv):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as error:
@@ -39,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -50,12 +50,29 @@ _TABLE = (
     Reason(54, "vxlan-unknown-mac", "inner frame for a MAC that is not an endpoint of that network on this node"),
     Reason(55, "vxlan-broadcast", "inner broadcast or multicast frame: broadcast does not cross the tunnel"),
     Reason(56, "offload-failed", "superframe or partial checksum that could not be segmented or completed"),
+    # Set by the DNS resolver (tapnet/dns.py, tapnet/dns_tcp.py).
+    Reason(60, "dns-malformed", "DNS message shorter than its 12-byte header, or an upstream reply that does not parse"),
+    Reason(61, "dns-not-query", "DNS message to the resolver with QR set: a response, never answered"),
+    Reason(62, "dns-unknown-sandbox", "DNS query from a port whose sandbox is no longer in the cluster model"),
+    Reason(63, "dns-bad-checksum", "UDP or TCP checksum of a packet to the resolver is wrong"),
+    Reason(64, "dns-upstream-unexpected", "frame on the upstream port that answers no forwarded query (address, port, id or question differ)"),
+    Reason(65, "dns-busy", "table of forwarded queries or of DNS TCP connections full"),
+    Reason(66, "dns-tcp-unexpected", "TCP segment to the resolver that fits no connection state (answered by RST or ACK where TCP asks for one)"),
+    # Counted by the live runtime around the datapath (tapnet/runtime.py).
+    Reason(70, "tap-tx-full", "write to a TAP returned EAGAIN: the sandbox's receive queue is full"),
+    Reason(71, "tap-tx-error", "write to a TAP failed otherwise, for example on a bad virtio-net header"),
+    Reason(72, "tap-rx-short", "read from a TAP returned less than a virtio-net header"),
+    Reason(73, "no-tap", "the datapath emitted to a port that has no TAP in this process"),
+    Reason(74, "datapath-error", "the datapath raised on a batch; the batch is lost and the error logged"),
     # Decisions that are counted but do not drop the frame.
     Reason(40, "fdb-full", "MAC table of the network full: source MAC not learned, frame still forwarded"),
+    Reason(67, "dns-upstream-timeout", "DNS upstream did not answer in time: the next upstream is asked, or the client gets SERVFAIL"),
+    Reason(68, "dns-upstream-failed", "DNS upstream answered SERVFAIL, REFUSED or another error: the next upstream is asked, or the client gets SERVFAIL"),
+    Reason(69, "dns-tcp-abort", "DNS TCP connection reset by the resolver: no ACK after retransmissions, or no query in time"),
 )
 
 # Reasons that count a decision but never a drop.
-NOT_DROPS = frozenset({"ok", "fdb-full"})
+NOT_DROPS = frozenset({"ok", "fdb-full", "dns-upstream-timeout", "dns-upstream-failed", "dns-tcp-abort"})
 
 BY_CODE: dict[str, Reason] = {r.code: r for r in _TABLE}
 BY_NUMBER: dict[int, Reason] = {r.number: r for r in _TABLE}
@@ -93,7 +110,8 @@ DOC_HEADER = """# Reason codes
 
 Every frame the datapath drops is counted under a reason code, per port
 (`tapnet stats`, `tapnet replay --summary`) and named in its trace record.
-A few codes count decisions that do not drop the frame (`fdb-full`).
+A few codes count decisions that do not drop the frame (`fdb-full`,
+`dns-upstream-timeout`, `dns-upstream-failed`, `dns-tcp-abort`).
 Codes are stable: they are never renumbered or renamed, only added.
 This page is generated from `tapnet/reasons.py` by
 `python -m tapnet.reasons > docs/reasons.md`; a test checks that the two agree.
