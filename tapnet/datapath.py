@@ -458,6 +458,9 @@ class Datapath:
                     view.bridge.learned -= 1
 
 
+# Timers (MAC ageing, stage timeouts) run at least this often, in seconds of datapath time.
+TICK_INTERVAL = 1.0
+
 # Modules whose `install(datapath)` adds their stages to each node's
 # datapath, in this order. A module that is not there yet is skipped.
 STAGE_MODULES = ("tapnet.dns", "tapnet.lb")
@@ -507,6 +510,7 @@ class Fabric:
         self.tx_packets: list[int] = []
         self.tx_bytes: list[int] = []
         self.next_trace_id = 1
+        self.next_tick: float | None = None  # when timers are next due, on the datapath's clock
         self.endpoint_ports: dict[tuple[str, int], int] = {}  # (network, MAC) -> port of a local endpoint
         self._records = None
         self._inner = None
@@ -611,6 +615,10 @@ class Fabric:
             start = offsets[i]
             frame = data[start : start + lengths[i]]
             vnet = batch.vnet[i].tobytes() if has_vnet[i] else None
+            if self.next_tick is None:
+                self.next_tick = t + TICK_INTERVAL
+            elif t >= self.next_tick:
+                self._run_timers(result, t, i)
             record = None
             if trace:
                 record = TraceRecord(
@@ -635,11 +643,24 @@ class Fabric:
         return result
 
     def tick(self, now: float) -> Result:
-        """Run every node's timers; frames they send (timeouts, retransmissions) are in the result."""
+        """Run every node's timers; frames they send (timeouts, retransmissions) are in the result.
+
+        `process` also runs them when a frame's time passes the next deadline,
+        so replay fires timers at packet times whatever the batch size; the
+        live runtime calls `tick` as well so that timers run while no frame
+        arrives.
+        """
         result = Result()
+        self._run_timers(result, now, -1)
+        return result
+
+    def _run_timers(self, result: Result, now: float, index: int) -> None:
+        first = len(result.emits)
         for dp in self.nodes.values():
             dp.tick(now, result)
-        return result
+        for emit in result.emits[first:]:
+            emit.index = index  # the frame at whose time the timers ran
+        self.next_tick = now + TICK_INTERVAL
 
     def counters(self) -> dict[str, dict]:
         out = {}

@@ -140,8 +140,7 @@ def replay(
     log.info("replay %s: %d frames, seed %d, batches of %d", capture.path, len(capture), seed, frames_per_batch)
 
     for batch in capture.batches(ports, frames_per_batch):
-        # NOTE: timers (Fabric.tick) are not run between batches. The bridge ages
-        # FDB entries when it looks them up, so output does not depend on ticks.
+        # Timers run inside `process` at packet times, so the output does not depend on the batch size.
         processed = fabric.process(batch, None, rng, trace=comments)
         result.frames_in += batch.count
         emits = processed.emits
