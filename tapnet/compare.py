@@ -346,6 +346,8 @@ def diff_frames(expected: bytes, actual: bytes) -> list[FieldDifference]:
 
 def flatten_frame(frame: bytes) -> dict[str, tuple[object, str]]:
     """Map each field of the dissected frame (tshark name, `#n` for repeats) to (value, display text)."""
+    import scapy.layers.dns  # noqa: F401  (binds UDP port 53 to DNS, so dns.* fields dissect)
+    import scapy.layers.vxlan  # noqa: F401  (binds UDP port 4789 to VXLAN)
     from scapy.layers.l2 import Ether
 
     fields: dict[str, tuple[object, str]] = {}

@@ -15,6 +15,34 @@ import pytest
 from livekit import live_support_missing, managed_instances
 
 
+def _keep_scapy_off_the_network() -> None:
+    """Make scapy raise instead of sending anything from a test process.
+
+    Without this, `bytes(Ether() / IP(dst=...))` asks the host's routing table
+    for the next hop and may broadcast an ARP request on the machine's own
+    interface to fill in the destination MAC. Tests only build bytes: every
+    frame names its MACs, and scapy's senders and resolvers are disabled.
+    """
+    import scapy.layers.inet  # noqa: F401  (registers the resolvers cleared below)
+    import scapy.layers.inet6
+    import scapy.layers.l2
+    import scapy.sendrecv
+    from scapy.config import conf
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("scapy tried to use the network from a test; build frames with explicit MACs")
+
+    conf.raise_no_dst_mac = True
+    conf.neighbor.resolvers = {}
+    scapy.layers.l2.getmacbyip = refuse
+    scapy.layers.inet6.getmacbyip6 = refuse
+    for name in ("send", "sendp", "sr", "sr1", "srp", "srp1", "sniff"):
+        setattr(scapy.sendrecv, name, refuse)
+
+
+_keep_scapy_off_the_network()
+
+
 def pytest_collection_modifyitems(config, items):
     reason = live_support_missing()
     if reason is None:

@@ -169,7 +169,7 @@ def test_malformed_frames_are_counted(wire, build, reason):
 
 
 def test_unknown_port_is_counted_not_raised(wire):
-    result = wire.send([(999, Ether() / IP())])
+    result = wire.send([(999, Ether(src="02:42:ac:14:00:09", dst=BROADCAST) / IP())])
     assert result.records[0].reason == "unknown-port"
 
 

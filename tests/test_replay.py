@@ -247,8 +247,8 @@ def test_diff_names_inner_header_of_vxlan():
     from scapy.layers.vxlan import VXLAN
 
     def vxlan(inner_ttl: int) -> bytes:
-        outer = Ether() / IP(src="198.51.100.2", dst="198.51.100.3") / UDP(sport=50000, dport=4789) / VXLAN(vni=4097)
-        return bytes(outer / Ether() / IP(src="10.0.0.5", dst="10.0.0.6", ttl=inner_ttl) / ICMP())
+        outer = Ether(src="02:42:c6:33:64:02", dst="02:42:c6:33:64:03") / IP(src="198.51.100.2", dst="198.51.100.3") / UDP(sport=50000, dport=4789) / VXLAN(vni=4097)
+        return bytes(outer / Ether(src="02:42:0a:00:00:05", dst="02:42:0a:00:00:06") / IP(src="10.0.0.5", dst="10.0.0.6", ttl=inner_ttl) / ICMP())
 
     names = [d.name for d in diff_frames(vxlan(64), vxlan(63))]
     assert "ip.ttl#2" in names
@@ -372,7 +372,7 @@ def test_complete_checksum_matches_scapy():
     from tapnet.replay import complete_checksum
 
     source, destination = "172.30.1.4", "172.30.1.5"
-    full = bytes(Ether() / IP(src=source, dst=destination) / UDP(sport=1000, dport=2000) / (b"z" * 33))
+    full = bytes(Ether(src="02:42:0a:00:00:05", dst="02:42:0a:00:00:06") / IP(src=source, dst=destination) / UDP(sport=1000, dport=2000) / (b"z" * 33))
     # An offloaded frame carries only the pseudo-header sum, not complemented, in the checksum field.
     udp_length = len(full) - 14 - 20  # odd, so the last byte is summed with a zero pad
     pseudo_header = socket.inet_aton(source) + socket.inet_aton(destination) + bytes([0, 17]) + udp_length.to_bytes(2, "big")

@@ -175,7 +175,7 @@ def _bad_cases(wire):
             "vxlan-unknown-mac",
         ),
         ("inner broadcast", _datagram(wire, node1, node2, Ether(src=wire.mac("a.1", "vote"), dst=BROADCAST) / ARP()), "vxlan-broadcast"),
-        ("not VXLAN", Ether() / IP(src=_underlay(wire, node1)) / UDP(dport=53), "not-vxlan"),
+        ("not VXLAN", Ether(src="02:42:c6:33:64:02", dst="02:42:c6:33:64:03") / IP(src=_underlay(wire, node1)) / UDP(dport=53), "not-vxlan"),
         ("truncated VXLAN header", bytes(_datagram(wire, node1, node2, good_inner))[:50], None),
         ("inner frame malformed", _datagram(wire, node1, node2, Ether(src=wire.mac("a.1", "vote"), dst=wire.mac("a.2", "vote")) / IP(len=900)), "malformed-ipv4"),
     ]
