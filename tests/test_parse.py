@@ -17,7 +17,7 @@ from scapy.layers.vxlan import VXLAN
 from tapnet import parse, reasons
 from tapnet.batch import FrameBatch
 
-# Addresses from the documentation and test ranges, never those of the machine.
+# Addresses of the demo stack's `front` network and link-local IPv6. None of them is the machine's.
 MAC_A = "02:42:ac:14:00:02"
 MAC_B = "02:42:ac:14:00:03"
 IP_A = "172.20.0.2"
@@ -69,7 +69,7 @@ def parse_one(frame: bytes, vnet: bytes | None = None):
     return parse_frames([frame], None if vnet is None else [vnet])[0]
 
 
-# Valid frames of every kind the parser knows, built with scapy. Padded
+# Valid frames of every kind the parser handles, built with scapy. Padded
 # frames get their Ethernet padding appended to the built bytes, because
 # scapy would count a Padding layer in the IP and UDP lengths.
 VALID_FRAMES = {
@@ -146,7 +146,8 @@ def expected_fields(frame: bytes) -> dict[str, int]:
         want["ethertype"] = pkt.type
         want["l3_off"] = 14
 
-    # Only the outer headers count: stop at the first VXLAN or ICMP error quotation.
+    # `pkt[IP]` and `ARP in pkt` find the outermost layer of a kind, the one the
+    # record describes, so headers inside VXLAN or an ICMP error do not count.
     if ARP in pkt:
         arp = pkt[ARP]
         flags |= parse.IS_ARP
