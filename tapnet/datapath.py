@@ -76,6 +76,10 @@ class NetworkView:
     gateway_ip: int
     gateway_mac: int
     bridge: Bridge
+    # Addresses this node answers ARP for besides the gateway (VIPs, the ingress sandbox): IP -> MAC.
+    arp_table: dict[int, int] = field(default_factory=dict)
+    # MACs owned by a stage rather than an endpoint (VIPs, the ingress sandbox): MAC -> stage.
+    service_macs: dict[int, "Stage"] = field(default_factory=dict)
 
     def contains(self, ip: int) -> bool:
         return ip & self.mask == self.net
@@ -161,6 +165,10 @@ class Datapath:
         # Stages that own a port kind other than "tap" and "vxlan" (for example
         # "upstream" for DNS forwarding): frames read from such a port go to them.
         self.port_handlers: dict[str, Stage] = {}
+        # Source addresses whose frames may be replies of a translated connection,
+        # and the stage that translates them back (`translate_reply`).
+        self.nat_watch: set[int] = set()
+        self.nat_stage = None
         # (net, mask, name) of every network of the cluster, for isolation versus no-egress.
         self.cluster_subnets = [
             (int(n.subnet.network_address), int(n.subnet.netmask), n.name) for n in cluster.networks.values()
@@ -252,20 +260,43 @@ class Datapath:
             self._to_gateway(result, i, port, network, frame, cols, trace)
             return
 
-        peers = self.peers.by_network.get(network.model.name)
-        if is_multicast(dst):
-            if cols.ethertype[i] == gateway.ETH_P_ARP and cols.arp_op[i] == gateway.ARP_REQUEST:
-                self._answer_arp(result, i, port, network, peers, cols, trace)
-            self._flood(result, i, port, bridge, frame, vnet, trace, "broadcast" if dst == 0xFFFFFFFFFFFF else "multicast")
+        if dst in network.service_macs:
+            ctx = ctx or FrameContext(self, result, i, port, network, frame, vnet, records[i], now, rng, trace)
+            if not network.service_macs[dst].handle(ctx) and not ctx.done:
+                self._drop(port.id, "vip-no-service", "lb", trace, f"nothing answers at {mac_text(dst)}")
             return
 
+        if self.nat_watch and cols.ip_src[i] in self.nat_watch and cols.flags[i] & parse.IS_IPV4:
+            frame = self.nat_stage.translate_reply(self, port, frame, vnet, cols, i, now, trace)
+            if frame is None:
+                return
+
+        if is_multicast(dst):
+            if cols.ethertype[i] == gateway.ETH_P_ARP and cols.arp_op[i] == gateway.ARP_REQUEST:
+                self._answer_arp(result, i, port, network, self.peers.by_network.get(network.model.name), cols, trace)
+            self._flood(result, i, port, bridge, frame, vnet, trace, "broadcast" if dst == 0xFFFFFFFFFFFF else "multicast")
+            return
+        self.forward_unicast(result, i, port, network, dst, frame, vnet, now, trace)
+
+    def forward_unicast(
+        self, result, i, port: Port, network: NetworkView, dst: int, frame, vnet, now, trace, known: bool = False
+    ) -> None:
+        """Send a unicast frame toward `dst` inside `network`: tunnel, learned port, or flood.
+
+        With `known`, a local endpoint not learned yet is reached through cluster
+        state instead of a flood (stages that chose the destination themselves).
+        """
+        peers = self.peers.by_network.get(network.model.name)
         if peers is not None:
             vtep = peers.mac_to_vtep.get(dst)
             if vtep is not None:
                 self._to_tunnel(result, i, port, peers, vtep, frame, vnet, trace)
                 return
 
+        bridge = network.bridge
         out = bridge.lookup(dst, now)
+        if out is None and known:
+            out = self.fabric.endpoint_ports.get((network.model.name, dst))
         if out is None:
             self._flood(result, i, port, bridge, frame, vnet, trace, "unknown unicast")
             return
@@ -282,6 +313,8 @@ class Datapath:
         target = cols.arp_tpa[i]
         if target == network.gateway_ip:
             mac, stage, decision = network.gateway_mac, "gateway", "arp-reply"
+        elif target in network.arp_table:
+            mac, stage, decision = network.arp_table[target], "lb", "arp-reply"
         elif peers is not None and target in peers.ip_to_mac:
             mac, stage, decision = peers.ip_to_mac[target], "vxlan", "arp-suppress"
         else:
@@ -353,11 +386,17 @@ class Datapath:
             return
         start = cols.inner_off[i]
         end = cols.payload_off[i] + cols.payload_len[i]
+        delivered = frame[start:end]
         if trace is not None:
             trace.add("vxlan", "decap", f"vni {vni} from vtep {ip_text(src)} to network {bridge.network}")
+        if self.nat_watch and inner.ip_src[i] in self.nat_watch and inner.flags[i] & parse.IS_IPV4:
+            delivered = self.nat_stage.translate_reply(self, port, delivered, None, inner, i, self.fabric.now, trace)
+            if delivered is None:
+                return
+        if trace is not None:
             trace.add("switch", "deliver", f"{mac_text(dst)} on {self.fabric.ports[out].name}")
             trace.verdict = "deliver"
-        self.transmit(result, out, frame[start:end], None, i, trace)
+        self.transmit(result, out, delivered, None, i, trace)
 
     def local_port_of(self, network: str, mac: int) -> int | None:
         return self.fabric.endpoint_ports.get((network, mac))
@@ -431,13 +470,18 @@ class Datapath:
         """Run this node's timers: MAC ageing, then each stage's own `tick(now, result)`."""
         for view in self.networks.values():
             view.bridge.expire(now)
-        for stage in self.timed_stages():
+        for stage in self.stages_with("tick"):
             stage.tick(now, result)
 
-    def timed_stages(self) -> list:
+    def stages_with(self, method: str) -> list:
+        """Every installed stage that has `method`, each once, in installation order."""
         seen, out = set(), []
-        for stage in [*self.l2_stages, *self.l3_stages, *self.port_handlers.values()]:
-            if id(stage) not in seen and hasattr(stage, "tick"):
+        stages = [*self.l2_stages, *self.l3_stages, *self.port_handlers.values()]
+        stages += [s for view in self.networks.values() for s in view.service_macs.values()]
+        if self.nat_stage is not None:
+            stages.append(self.nat_stage)
+        for stage in stages:
+            if id(stage) not in seen and hasattr(stage, method):
                 seen.add(id(stage))
                 out.append(stage)
         return out
@@ -456,6 +500,8 @@ class Datapath:
                 entry = view.bridge.fdb.pop(mac, None)
                 if entry is not None and not entry.static:
                     view.bridge.learned -= 1
+        for stage in self.stages_with("follow"):
+            stage.follow(cluster)
 
 
 # Timers (MAC ageing, stage timeouts) run at least this often, in seconds of datapath time.
@@ -483,7 +529,7 @@ class _Columns:
     """Record fields as Python lists: one vectorised conversion per batch, cheap indexing per frame."""
 
     FIELDS = (
-        "status", "flags", "dst_mac", "src_mac", "ethertype", "l3_off",
+        "status", "flags", "dst_mac", "src_mac", "ethertype", "l3_off", "l4_off",
         "arp_op", "arp_sha", "arp_spa", "arp_tpa",
         "ip_src", "ip_dst", "ip_proto", "ip_ihl", "ip_tot_len",
         "icmp_type", "icmp_id", "icmp_seq", "sport", "dport",
@@ -510,6 +556,7 @@ class Fabric:
         self.tx_packets: list[int] = []
         self.tx_bytes: list[int] = []
         self.next_trace_id = 1
+        self.now = 0.0  # time of the frame being processed
         self.next_tick: float | None = None  # when timers are next due, on the datapath's clock
         self.endpoint_ports: dict[tuple[str, int], int] = {}  # (network, MAC) -> port of a local endpoint
         self._records = None
@@ -615,6 +662,7 @@ class Fabric:
             start = offsets[i]
             frame = data[start : start + lengths[i]]
             vnet = batch.vnet[i].tobytes() if has_vnet[i] else None
+            self.now = t
             if self.next_tick is None:
                 self.next_tick = t + TICK_INTERVAL
             elif t >= self.next_tick:

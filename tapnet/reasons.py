@@ -53,17 +53,28 @@ _TABLE = (
     # Set by the DNS resolver (tapnet/dns.py, tapnet/dns_tcp.py).
     Reason(60, "dns-malformed", "DNS message shorter than its 12-byte header, or an upstream reply that does not parse"),
     Reason(61, "dns-not-query", "DNS message to the resolver with QR set: a response, never answered"),
-    Reason(62, "dns-unknown-sandbox", "DNS query from a port whose sandbox is no longer in the cluster model"),
+    Reason(62, "dns-unknown-sandbox", "DNS query from a port whose sandbox is no longer in the cluster model, or an upstream answer for such a client"),
     Reason(63, "dns-bad-checksum", "UDP or TCP checksum of a packet to the resolver is wrong"),
     Reason(64, "dns-upstream-unexpected", "frame on the upstream port that answers no forwarded query (address, port, id or question differ)"),
     Reason(65, "dns-busy", "table of forwarded queries or of DNS TCP connections full"),
     Reason(66, "dns-tcp-unexpected", "TCP segment to the resolver that fits no connection state (answered by RST or ACK where TCP asks for one)"),
+    # Set by the load balancer and NAT stages (tapnet/lb.py, tapnet/nat.py).
+    Reason(80, "vip-no-service", "packet for a VIP that is not TCP, UDP or ICMP echo"),
+    Reason(81, "vip-no-connection", "TCP segment for a VIP that is neither a SYN nor part of a tracked connection"),
+    Reason(82, "no-backend", "new connection to a VIP or published port whose service has no live task"),
+    Reason(83, "backend-gone", "packet of a connection whose task was removed; the entry is left to expire"),
+    Reason(84, "conntrack-full", "conntrack table full of connections that saw replies: new flow refused"),
+    Reason(85, "ingress-port-closed", "packet to a task's ingress address on a port the task does not publish"),
+    Reason(86, "nat-failed", "headers too short or not translatable for NAT"),
     # Counted by the live runtime around the datapath (tapnet/runtime.py).
     Reason(70, "tap-tx-full", "write to a TAP returned EAGAIN: the sandbox's receive queue is full"),
     Reason(71, "tap-tx-error", "write to a TAP failed otherwise, for example on a bad virtio-net header"),
     Reason(72, "tap-rx-short", "read from a TAP returned less than a virtio-net header"),
     Reason(73, "no-tap", "the datapath emitted to a port that has no TAP in this process"),
     Reason(74, "datapath-error", "the datapath raised on a batch; the batch is lost and the error logged"),
+    # Counted by the nodes' UDP-socket ports (tapnet/underlay.py).
+    Reason(75, "udp-tx-full", "sending on a VTEP or DNS upstream socket returned EAGAIN: its send buffer is full"),
+    Reason(76, "udp-tx-error", "sending on a VTEP or DNS upstream socket failed otherwise, for example ENETUNREACH"),
     # Decisions that are counted but do not drop the frame.
     Reason(40, "fdb-full", "MAC table of the network full: source MAC not learned, frame still forwarded"),
     Reason(67, "dns-upstream-timeout", "DNS upstream did not answer in time: the next upstream is asked, or the client gets SERVFAIL"),

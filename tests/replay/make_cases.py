@@ -27,13 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import yaml
+from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
+from tapnet.batch import FrameBatch  # noqa: E402
+from tapnet.datapath import Fabric  # noqa: E402
 from tapnet.model import Cluster, format_mac, port_name  # noqa: E402
 from tapnet.pcapio import PcapNgWriter  # noqa: E402
 from tapnet.stack import load_demo, load_stack_text  # noqa: E402
@@ -363,6 +367,192 @@ def malformed(net: Net):
     return _in_sequence(frames), expect
 
 
+# ---------------------------------------------------------------------------
+# DNS cases
+
+# A stack for the resolver's own cases: one bridge network with 40 dnsrr tasks
+# (their A answer is over 512 bytes) and a client, and two upstreams on the
+# default underlay. The upstreams are only addresses in frames of the capture.
+DNS_STACK = """\
+x-tapnet:
+  dns_upstreams: [198.51.100.60, 198.51.100.61]
+services:
+  web:
+    deploy:
+      replicas: 40
+      endpoint_mode: dnsrr
+    networks: [front]
+  client:
+    networks: [front]
+networks:
+  front:
+    driver: bridge
+    ipam:
+      config:
+        - subnet: 172.30.5.0/24
+"""
+UPSTREAM_1 = "198.51.100.60"
+UPSTREAM_2 = "198.51.100.61"
+# Data of an upstream's A record: an address in TEST-NET-3 that nothing is ever sent to.
+UPSTREAM_ANSWER = "203.0.113.80"
+
+
+def dns_query(net: Net, sandbox: str, network: str, name: str, qtype: str = "A", qid: int = 0x5151, sport: int = 40053):
+    """A DNS query over UDP from `sandbox` to its gateway on `network`."""
+    return (
+        net.frame(sandbox, network, net.gateway_mac(network))
+        / IP(src=net.ip(sandbox, network), dst=net.gateway_ip(network), id=qid & 0xFFFF)
+        / UDP(sport=sport, dport=53)
+        / DNS(id=qid, rd=1, qd=DNSQR(qname=name, qtype=qtype))
+    )
+
+
+def probe(net: Net, sent: list[Sent], seed: int) -> list[tuple[str, Ether]]:
+    """Run `sent` through a fresh datapath as the replay does; return the emitted (port, frame) pairs.
+
+    Cases whose later frames depend on what the datapath drew from its
+    generator (a TCP initial sequence number, a forwarded query's id and
+    source port) read those values from this run.
+    """
+    fabric = Fabric(net.cluster)
+    batch = FrameBatch(capacity_frames=max(16, len(sent)))
+    for item in sent:
+        frame = item.frame if isinstance(item.frame, bytes) else bytes(item.frame)
+        batch.append(fabric.port_id(item.port), frame, timestamp=item.time)
+    result = fabric.process(batch, None, np.random.default_rng(seed))
+    return [(fabric.ports[e.port].name, Ether(e.frame)) for e in result.emits]
+
+
+def dns_names(net: Net):
+    worker, proxy, app = net.port("worker.1", "vote"), net.port("proxy.1", "front"), net.port("app.1", "front")
+    redis_vip = str(net.cluster.services["redis"].vips["vote"])
+    reverse = ".".join(reversed(net.ip("redis.2", "vote").split("."))) + ".in-addr.arpa"
+    frames = [
+        (worker, dns_query(net, "worker.1", "vote", "redis", qid=1)),
+        (worker, dns_query(net, "worker.1", "vote", "tasks.redis", qid=2)),
+        (worker, dns_query(net, "worker.1", "vote", "REDIS.vote", qid=3)),
+        (worker, dns_query(net, "worker.1", "vote", "redis", "AAAA", qid=4)),
+        (worker, dns_query(net, "worker.1", "vote", reverse, "PTR", qid=5)),
+        # proxy is on front only: db (on back) is unknown to it, and the demo has no upstream.
+        (proxy, dns_query(net, "proxy.1", "front", "db", qid=6)),
+        # app asks front's resolver for db's alias on back, app's second network.
+        (app, dns_query(net, "app.1", "front", "database", qid=7)),
+    ]
+    # NOTE: the checks read the answers from the stories, because the field
+    # check dissects DNS only when scapy's DNS layer happens to be loaded.
+    db_vip = str(net.cluster.services["db"].vips["back"])
+    answer = {"ip.src": net.gateway_ip("vote"), "udp.srcport": 53, "udp.dstport": 40053}
+    expect = {
+        "drops": {},
+        "frames": {worker: 5, proxy: 1, app: 1},
+        "checks": [
+            {"port": worker, "index": 0, "fields": answer, "comment": f"dns: answer (redis. A: {redis_vip} (vip redis on vote))"},
+            {"port": worker, "index": 1, "fields": answer, "comment": "(tasks redis on vote)"},
+            {"port": worker, "index": 2, "comment": f"dns: answer (REDIS.vote. A: {redis_vip} (vip redis on vote))"},
+            {"port": worker, "index": 3, "comment": "dns: no-data (redis. AAAA: known name (vip redis on vote)"},
+            {"port": worker, "index": 4, "comment": "PTR: redis.2.vote.)"},
+            {"port": proxy, "index": 0, "comment": "dns: nxdomain (db. A: unknown name, no upstream)"},
+            {"port": app, "index": 0, "comment": f"dns: answer (database. A: {db_vip} (vip db on back))"},
+        ],
+    }
+    return _in_sequence(frames), expect
+
+
+def upstream_reply(forwarded: Ether, rcode: int = 0, answer: str | None = None):
+    """An upstream's reply to a query frame that the resolver sent on the upstream port."""
+    query = forwarded[DNS]
+    reply = DNS(id=query.id, qr=1, rd=query.rd, ra=1, rcode=rcode, qd=query.qd)
+    if answer is not None:
+        reply.an = DNSRR(rrname=query.qd.qname, type="A", ttl=300, rdata=answer)
+    return (
+        Ether(src=forwarded.dst, dst=forwarded.src)
+        / IP(src=forwarded[IP].dst, dst=forwarded[IP].src, ttl=64)
+        / UDP(sport=53, dport=forwarded[UDP].sport)
+        / reply
+    )
+
+
+def dns_forward(net: Net):
+    client, upstream = net.port("client.1", "front"), "node1/upstream"
+    gateway_mac, gateway_ip = net.gateway_mac("front"), net.gateway_ip("front")
+    sent = [Sent(client, dns_query(net, "client.1", "front", "example.test", qid=0x1001), START)]
+    [(_, first)] = probe(net, sent, 0)
+    sent += [
+        # Upstream 1 answers: the answer is relayed to the client with its id.
+        Sent(upstream, upstream_reply(first, answer=UPSTREAM_ANSWER), START + 0.01),
+        # A query that no upstream answers.
+        Sent(client, dns_query(net, "client.1", "front", "slow.test", qid=0x1002, sport=40054), START + 0.02),
+        # Frames at later times run the timers: after 4 s upstream 2 is asked,
+        # after 4 s more the client gets SERVFAIL.
+        Sent(client, net.ping("client.1", "front", gateway_mac, gateway_ip, seq=1), START + 4.5),
+        Sent(client, net.ping("client.1", "front", gateway_mac, gateway_ip, seq=2), START + 9.0),
+    ]
+    expect = {
+        "drops": {},
+        "frames": {upstream: 3, client: 4},
+        "checks": [
+            {"port": upstream, "index": 0, "fields": {"ip.src": "198.51.100.2", "ip.dst": UPSTREAM_1, "udp.dstport": 53}, "comment": "dns: forward (example.test. A to 198.51.100.60"},
+            {"port": client, "index": 0, "fields": {"ip.src": net.gateway_ip("front"), "udp.dstport": 40053}, "comment": "dns: relay (example.test. A: NOERROR from 198.51.100.60"},
+            {"port": upstream, "index": 1, "fields": {"ip.dst": UPSTREAM_1}, "comment": "dns: forward (slow.test. A to 198.51.100.60"},
+            {"port": upstream, "index": 2, "fields": {"ip.dst": UPSTREAM_2}, "comment": "dns: upstream-timeout (slow.test. A: no reply from 198.51.100.60 in 4 s); dns: forward (slow.test. A to 198.51.100.61"},
+            {"port": client, "index": 2, "fields": {"udp.dstport": 40054}, "comment": "dns: servfail (slow.test. A: no upstream left"},
+        ],
+    }
+    return sent, expect
+
+
+def dns_tcp(net: Net):
+    client = net.port("client.1", "front")
+    gateway_mac, gateway_ip = net.gateway_mac("front"), net.gateway_ip("front")
+
+    def segment(seq: int, ack: int, flags: str, payload: bytes = b"", options=None):
+        tcp = TCP(sport=45000, dport=53, seq=seq, ack=ack, flags=flags, window=65535, options=options or [])
+        frame = net.frame("client.1", "front", gateway_mac) / IP(src=net.ip("client.1", "front"), dst=gateway_ip) / tcp
+        return frame / payload if payload else frame
+
+    query = bytes(DNS(id=0x2002, rd=1, qd=DNSQR(qname="tasks.web", qtype="A")))
+    request = len(query).to_bytes(2, "big") + query
+    sent = [
+        # Over UDP the answer of 40 addresses does not fit in 512 bytes: TC set.
+        Sent(client, dns_query(net, "client.1", "front", "tasks.web", qid=0x2001), START),
+        Sent(client, segment(1000, 0, "S", options=[("MSS", 536)]), START + 0.01),
+    ]
+    syn_ack = probe(net, sent, 0)[-1][1][TCP]
+    server_seq = syn_ack.seq + 1
+    sent += [
+        Sent(client, segment(1001, server_seq, "A"), START + 0.02),
+        Sent(client, segment(1001, server_seq, "PA", request), START + 0.03),
+    ]
+    answer = [frame[TCP] for _, frame in probe(net, sent, 0)[2:]]
+    answer_end = answer[-1].seq + len(answer[-1].payload) + 1  # the last segment carries the FIN
+    client_seq = 1001 + len(request)
+    sent += [
+        # The client acknowledges nothing for 1.5 s: a frame then runs the timers,
+        # and the resolver sends the first unacknowledged segment again.
+        Sent(client, net.ping("client.1", "front", gateway_mac, gateway_ip), START + 1.6),
+        Sent(client, segment(client_seq, answer_end, "A"), START + 1.7),
+        Sent(client, segment(client_seq, answer_end, "FA"), START + 1.71),
+    ]
+    segments = len(answer)
+    expect = {
+        "drops": {},
+        # UDP answer, SYN-ACK, answer segments, retransmission, echo reply, ACK of the FIN.
+        "frames": {client: 1 + 1 + segments + 1 + 1 + 1},
+        "checks": [
+            {"port": client, "index": 0, "fields": {"udp.srcport": 53}, "comment": "truncated to 512 bytes, TC set"},
+            {"port": client, "index": 1, "fields": {"tcp.flags": 0x12, "tcp.ack": 1001}, "comment": "tcp-syn"},
+            # Segments of at most the client's MSS of 536 bytes, in sequence.
+            {"port": client, "index": 2, "fields": {"tcp.seq": server_seq, "tcp.flags": 0x10}, "comment": "tcp-query"},
+            {"port": client, "index": 3, "fields": {"tcp.seq": server_seq + 536}},
+            # The last one carries PSH and FIN.
+            {"port": client, "index": 1 + segments, "fields": {"tcp.flags": 0x19}},
+            {"port": client, "index": 2 + segments, "fields": {"tcp.seq": server_seq, "tcp.flags": 0x10}, "comment": "tcp-retransmit"},
+            {"port": client, "index": 4 + segments, "fields": {"tcp.flags": 0x10, "tcp.ack": client_seq + 1}, "comment": "tcp-closed"},
+        ],
+    }
+    return sent, expect
+
+
 CASES = [
     Case("arp-gateway", "ARP request for the front gateway (demo): the gateway replies, the broadcast floods front only", True, arp_gateway),
     Case("icmp-gateway", "ICMP echo to the front gateway (demo): the gateway replies", True, icmp_gateway),
@@ -373,6 +563,9 @@ CASES = [
     Case("mac-ageing", "a MAC silent for 299 s is still known; after 301 s frames to it flood again", False, mac_ageing),
     Case("internal-network", "an internal network reaches neither other networks nor the outside", False, internal_network),
     Case("malformed", "malformed frames are dropped and counted under their reasons", False, malformed),
+    Case("dns-names", "the resolver answers service, tasks, alias, sandbox and PTR names on the asker's networks only (demo)", True, dns_names),
+    Case("dns-forward", "unknown names go upstream; an answer is relayed, a silent upstream moves on to the next, then SERVFAIL", False, dns_forward, stack_text=DNS_STACK),
+    Case("dns-tcp", "an answer too large for UDP sets TC; over TCP it arrives whole, in MSS-sized segments, retransmitted on timeout", False, dns_tcp, stack_text=DNS_STACK),
 ]
 
 
