@@ -80,6 +80,9 @@ class NetworkView:
     arp_table: dict[int, int] = field(default_factory=dict)
     # MACs owned by a stage rather than an endpoint (VIPs, the ingress sandbox): MAC -> stage.
     service_macs: dict[int, "Stage"] = field(default_factory=dict)
+    # Optional check of unicast IPv4 frames before they are bridged: returns a
+    # reason code to drop the frame, or None (the ingress network's port filter).
+    guard: object = None
 
     def contains(self, ip: int) -> bool:
         return ip & self.mask == self.net
@@ -271,6 +274,12 @@ class Datapath:
             if frame is None:
                 return
 
+        if network.guard is not None and not is_multicast(dst):
+            reason = network.guard(cols, i)
+            if reason is not None:
+                self._drop(port.id, reason, "lb", trace, f"{ip_text(cols.ip_dst[i])} port {cols.dport[i]}")
+                return
+
         if is_multicast(dst):
             if cols.ethertype[i] == gateway.ETH_P_ARP and cols.arp_op[i] == gateway.ARP_REQUEST:
                 self._answer_arp(result, i, port, network, self.peers.by_network.get(network.model.name), cols, trace)
@@ -375,6 +384,16 @@ class Datapath:
         dst = inner.dst_mac[i]
         if is_multicast(dst):
             self._drop(port.id, "vxlan-broadcast", "vxlan", trace, f"inner destination {mac_text(dst)}")
+            return
+        view = self.networks[peers.network]
+        if dst in view.service_macs:
+            start = cols.inner_off[i]
+            inner_frame = frame[start : cols.payload_off[i] + cols.payload_len[i]]
+            if trace is not None:
+                trace.add("vxlan", "decap", f"vni {vni} from vtep {ip_text(src)} to network {peers.network}")
+            ctx = FrameContext(self, result, i, port, view, inner_frame, None, self.fabric._inner[i], self.fabric.now, None, trace)
+            if not view.service_macs[dst].handle(ctx) and not ctx.done:
+                self._drop(port.id, "vxlan-unknown-mac", "vxlan", trace, f"nothing answers at {mac_text(dst)}")
             return
         if dst not in peers.local_macs:
             self._drop(port.id, "vxlan-unknown-mac", "vxlan", trace, f"{mac_text(dst)} on network {peers.network}")
@@ -564,6 +583,7 @@ class Fabric:
         for node in cluster.nodes:
             self.add_port(Port(id=-1, name=f"{node.name}/vxlan", node=node.name, kind="vxlan", offload=False))
             self.add_port(Port(id=-1, name=f"{node.name}/upstream", node=node.name, kind="upstream", offload=False))
+            self.add_port(Port(id=-1, name=f"{node.name}/gwbridge", node=node.name, kind="gwbridge"))
         for dp in self.nodes.values():
             install_stages(dp)
         for sandbox in cluster.sandboxes.values():

@@ -33,7 +33,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-from tapnet.model import VXLAN_PORT, Cluster, mac_for_ip
+from tapnet.model import INGRESS_NETWORK, VXLAN_PORT, Cluster, mac_for_ip
 
 VXLAN_FLAG_I = 0x08  # RFC 7348: the VNI field is valid
 VXLAN_HEADER_LEN = 8
@@ -86,6 +86,15 @@ class PeerTable:
                 else:
                     peers.mac_to_vtep[mac] = underlay[sandbox.node]
                     peers.ip_to_mac[int(endpoint.ip)] = mac
+        ingress = by_network.get(INGRESS_NETWORK)
+        if ingress is not None:
+            # Each node's ingress sandbox is an endpoint of the ingress network
+            # that lives in the datapath; tasks reply to it across the tunnel.
+            for name, address in cluster.ingress_sbox_ips.items():
+                if name != node:
+                    mac = int.from_bytes(mac_for_ip(address), "big")
+                    ingress.mac_to_vtep[mac] = underlay[name]
+                    ingress.ip_to_mac[int(address)] = mac
         known = {ip for name, ip in underlay.items() if name != node}
         for peer in cluster.external_peers:
             peers = by_network.get(peer.network)
