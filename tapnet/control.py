@@ -158,12 +158,53 @@ def handle_request(instance, message: object) -> object:
         log.info("instance %s: stop requested over the control socket", instance.name)
         instance.stopping.set()
         return {"stopping": True}
+    from tapnet import views  # trace, capture, fdb, neigh and diagram
+
+    if op in views.CONTROL_OPS:
+        return views.handle_request(instance, op, message)
     raise ValueError(f"unknown request {op!r}")
 
 
 def _object_id(instance: str, kind: str, name: str) -> str:
     """Return a stable 25-character ID, like swarm's object IDs (tapnet objects have no real IDs)."""
     return hashlib.sha256(f"{instance}/{kind}/{name}".encode()).hexdigest()[:25]
+
+
+def overlay_device_names(network_id: str, vni: int) -> tuple[str, str]:
+    """Return the names Docker gives an overlay's bridge and VXLAN device on each node.
+
+    libnetwork's overlay driver names them `ov-<VNI as 6 hex digits>-<first 5
+    characters of the network ID>` and `vx-...` alike, inside the network's
+    sandbox namespace of every node. tapnet creates neither device (its
+    datapath is both), and shows the names so that a reader can map tapnet's
+    view onto a Docker host's `ip link`.
+    """
+    short_id = network_id[:5]
+    return f"ov-{vni:06x}-{short_id}", f"vx-{vni:06x}-{short_id}"
+
+
+def _overlay_view(instance, network, network_id: str) -> dict:
+    """Build the overlay part of `inspect NETWORK`: the VNI, per node Docker's device names and the VTEP, and external peers."""
+    from tapnet.model import VXLAN_PORT, format_mac
+
+    bridge, vxlan_device = overlay_device_names(network_id, network.vni)
+    hosts = instance.underlay.hosts
+    nodes = {
+        node.name: {
+            "Bridge": bridge,
+            "VXLAN": vxlan_device,
+            "VTEP": f"{node.underlay_ip}:{VXLAN_PORT}",
+            "HostNamespace": hosts.get(node.name, ""),
+            "Port": f"{node.name}/vxlan",
+        }
+        for node in instance.cluster.nodes
+    }
+    external = [
+        {"IPAddress": str(peer.ip), "MacAddress": format_mac(peer.mac), "VTEP": f"{peer.vtep}:{VXLAN_PORT}"}
+        for peer in instance.cluster.external_peers
+        if peer.network == network.name
+    ]
+    return {"VNI": network.vni, "Nodes": nodes, "ExternalPeers": external}
 
 
 def _interface(ip, network) -> str:
@@ -179,6 +220,15 @@ def view_summary(instance) -> dict:
         "instance": instance.name,
         "pid": os.getpid(),
         "stack": instance.stack_label,
+        "underlay": {"subnet": str(cluster.underlay), "namespace": instance.underlay.namespace},
+        "hosts": [
+            {"name": n.name, "kind": "node", "namespace": instance.underlay.hosts.get(n.name, ""), "address": str(n.underlay_ip)}
+            for n in cluster.nodes
+        ]
+        + [
+            {"name": name, "kind": "client", "namespace": instance.underlay.clients.get(name, ""), "address": str(ip)}
+            for name, ip in cluster.clients.items()
+        ],
         "networks": [
             {"name": n.name, "driver": n.driver, "subnet": str(n.subnet), "gateway": str(n.gateway), "vni": n.vni, "internal": n.internal}
             for n in cluster.networks.values()
@@ -270,9 +320,10 @@ def _inspect_network(instance, network) -> dict:
     options = {"com.docker.network.driver.mtu": str(network.mtu)}
     if network.vni is not None:
         options["com.docker.network.driver.overlay.vxlanid_list"] = str(network.vni)
-    return {
+    network_id = _object_id(instance.name, "network", network.name)
+    view = {
         "Name": network.name,
-        "Id": _object_id(instance.name, "network", network.name),
+        "Id": network_id,
         "Scope": "swarm" if network.driver == "overlay" else "local",
         "Driver": network.driver,
         "EnableIPv6": False,
@@ -286,6 +337,11 @@ def _inspect_network(instance, network) -> dict:
         "Labels": {},
         "Node": network.node,
     }
+    if network.driver == "overlay" and network.vni is not None:
+        # Docker lists the swarm nodes that take part in an overlay as Peers.
+        view["Peers"] = [{"Name": node.name, "IP": str(node.underlay_ip)} for node in cluster.nodes]
+        view["Overlay"] = _overlay_view(instance, network, network_id)
+    return view
 
 
 def _inspect_service(instance, service) -> dict:
@@ -364,6 +420,10 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_summary(summary: dict) -> str:
+    hosts = format_table(
+        ["HOST", "KIND", "NAMESPACE", f"UNDERLAY {summary['underlay']['subnet']}"],
+        [[h["name"], h["kind"], h["namespace"], h["address"]] for h in summary["hosts"]],
+    )
     networks = format_table(
         ["NETWORK", "DRIVER", "SUBNET", "GATEWAY", "VNI", "INTERNAL"],
         [[n["name"], n["driver"], n["subnet"], n["gateway"], n["vni"] or "-", "yes" if n["internal"] else "no"] for n in summary["networks"]],
@@ -382,7 +442,7 @@ def format_summary(summary: dict) -> str:
             for s in summary["services"]
         ],
     )
-    return f"{networks}\n\n{sandboxes}\n\n{services}"
+    return f"{hosts}\n\n{networks}\n\n{sandboxes}\n\n{services}"
 
 
 def format_ps(rows: list[dict]) -> str:

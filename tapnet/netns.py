@@ -24,6 +24,8 @@ import ipaddress
 import logging
 import os
 import re
+import socket
+import struct
 import subprocess
 import threading
 from collections.abc import Callable
@@ -33,7 +35,7 @@ from typing import TypeVar
 
 import pytun
 
-from tapnet.model import Cluster, Sandbox, format_mac, port_name
+from tapnet.model import Cluster, Sandbox, format_mac, mac_for_ip, port_name
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,24 @@ TUN_F_TSO6 = 0x04  # ... and TCP/IPv6 superframes
 TAP_FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
 TAP_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 VNET_HDR_SIZE = 10  # struct virtio_net_hdr, without num_buffers
+
+# The underlay: a Linux bridge in the instance's underlay namespace, and one
+# veth pair per host or client namespace (`veth<n>` on the bridge, where n is
+# the address's offset in the underlay subnet, and `eth0` in the namespace).
+UNDERLAY_BRIDGE = "br0"
+UNDERLAY_IFNAME = "eth0"
+UNDERLAY_MTU = 1500  # the Ethernet default; overlay endpoints get 1500 - 50
+
+# From asm-generic/socket.h: set a socket buffer size above net.core.rmem_max
+# and wmem_max (needs CAP_NET_ADMIN), so no sysctl has to change.
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+SO_NO_CHECK = 11  # asm-generic/socket.h: send UDP over IPv4 with checksum 0
+
+# From linux/sockios.h and linux/ethtool.h: turn transmit checksum offload off.
+SIOCETHTOOL = 0x8946
+ETHTOOL_STXCSUM = 0x17
+IFNAMSIZ = 16
 
 # From linux/sched.h and sys/mount.h.
 CLONE_NEWNET = 0x40000000
@@ -123,6 +143,21 @@ def instance_part(instance: str) -> str:
 def namespace_name(instance: str, sandbox: str) -> str:
     """Name the namespace of `sandbox`: `tn-<instance>-<sandbox>`."""
     return f"{NAME_PREFIX}{instance_part(instance)}-{sandbox}"
+
+
+def host_namespace_name(instance: str, node: str) -> str:
+    """Name the host namespace of `node`, which contains its VTEP: `tn-<instance>-host-<node>`."""
+    return f"{NAME_PREFIX}{instance_part(instance)}-host-{node}"
+
+
+def underlay_namespace_name(instance: str) -> str:
+    """Name the namespace of the underlay bridge: `tn-<instance>-underlay`."""
+    return f"{NAME_PREFIX}{instance_part(instance)}-underlay"
+
+
+def client_namespace_name(instance: str, client: str) -> str:
+    """Name the namespace of an `x-tapnet.clients` entry: `tn-<instance>-client-<name>`."""
+    return f"{NAME_PREFIX}{instance_part(instance)}-client-{client}"
 
 
 def namespace_path(name: str) -> Path:
@@ -349,6 +384,128 @@ def create_endpoints(namespace: str, sandbox: Sandbox, cluster: Cluster) -> list
         return _run_in_thread(build, namespace)
     except (OSError, pytun.Error, NetlinkError, KeyError) as error:
         raise NetnsError(f"creating endpoints of sandbox {sandbox.name} in {namespace} failed: {error}") from error
+
+
+def underlay_port_name(ip: ipaddress.IPv4Address, underlay: ipaddress.IPv4Network) -> str:
+    """Name the bridge end of the veth pair for underlay address `ip`: `veth<offset in the subnet>`."""
+    return f"veth{int(ip) - int(underlay.network_address)}"
+
+
+def create_underlay_bridge(namespace: str, address: ipaddress.IPv4Interface) -> None:
+    """Create the underlay bridge `br0` in `namespace` with `address` (the underlay's `.1`) and bring it up.
+
+    The bridge's MAC is derived from its address like every other tapnet MAC.
+    STP stays off (the kernel default), so ports forward as soon as they are up.
+    """
+
+    def build() -> None:
+        _enter_namespace(namespace)
+        with _iproute() as ipr:
+            ipr.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge")
+            index = ipr.link_lookup(ifname=UNDERLAY_BRIDGE)[0]
+            ipr.link("set", index=index, address=format_mac(mac_for_ip(address.ip)), mtu=UNDERLAY_MTU)
+            ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+            ipr.link("set", index=index, state="up")
+
+    _run_netlink(build, namespace, f"creating the underlay bridge {UNDERLAY_BRIDGE} in {namespace}")
+
+
+def join_underlay(underlay_namespace: str, namespace: str, address: ipaddress.IPv4Interface) -> str:
+    """Join `namespace` to the underlay bridge by a veth pair and return the bridge end's name.
+
+    The pair is created inside the underlay namespace with its other end
+    placed straight into `namespace` as `eth0`, so neither end ever exists in
+    the root namespace. `eth0` gets `address`, the MAC `02:42` + its IPv4
+    bytes and MTU 1500. The namespace gets no default route, so nothing in it
+    can reach beyond the underlay.
+    """
+    bridge_port = underlay_port_name(address.ip, address.network)
+
+    def plug() -> None:
+        _enter_namespace(underlay_namespace)
+        with _iproute() as ipr:
+            ipr.link(
+                "add",
+                ifname=bridge_port,
+                kind="veth",
+                peer={"ifname": UNDERLAY_IFNAME, "net_ns_fd": str(namespace_path(namespace))},
+            )
+            index = ipr.link_lookup(ifname=bridge_port)[0]
+            bridge = ipr.link_lookup(ifname=UNDERLAY_BRIDGE)[0]
+            ipr.link("set", index=index, master=bridge, mtu=UNDERLAY_MTU)
+            ipr.link("set", index=index, state="up")
+
+    def configure() -> None:
+        _enter_namespace(namespace)
+        with _iproute() as ipr:
+            index = ipr.link_lookup(ifname=UNDERLAY_IFNAME)[0]
+            ipr.link("set", index=index, address=format_mac(mac_for_ip(address.ip)), mtu=UNDERLAY_MTU)
+            ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+            ipr.link("set", index=index, state="up")
+        _disable_tx_checksum_offload(UNDERLAY_IFNAME)
+
+    _run_netlink(plug, underlay_namespace, f"creating veth {bridge_port} from {underlay_namespace} to {namespace}")
+    _run_netlink(configure, namespace, f"configuring {UNDERLAY_IFNAME} {address} in {namespace}")
+    return bridge_port
+
+
+def _disable_tx_checksum_offload(ifname: str) -> None:
+    """Make the kernel complete checksums before `ifname` transmits, as `ethtool -K IFNAME tx off` does.
+
+    A veth passes packets with a partial checksum (CHECKSUM_PARTIAL) on to
+    the next namespace, where a NIC would have completed it on the wire. A
+    kernel VXLAN device over such a veth therefore sends inner TCP segments
+    whose checksum is only the pseudo-header sum. A UDP socket receives that
+    payload without the "partial" mark, so tapnet would deliver a segment the
+    receiving sandbox drops as corrupt. Turning transmit checksum offload off
+    on every underlay `eth0` makes the sender's kernel complete the checksum.
+    """
+    request = ctypes.create_string_buffer(struct.pack("=II", ETHTOOL_STXCSUM, 0))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifreq = struct.pack(f"{IFNAMSIZ}sP", ifname.encode(), ctypes.addressof(request))  # struct ifreq, native layout
+        fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifreq)
+
+
+def open_udp_socket(namespace: str, address: str, port: int, buffer_bytes: int, checksum: bool = True) -> socket.socket:
+    """Open a non-blocking UDP socket bound to (`address`, `port`) inside `namespace`.
+
+    A socket belongs to the namespace it was created in for its whole life,
+    so the returned socket sends and receives on that namespace's links from
+    any thread. Port 0 binds an ephemeral port. Both buffers are set to
+    `buffer_bytes`, so a burst of datagrams waits in the kernel instead of
+    being dropped while the event loop is busy. With `checksum` False the
+    socket sends UDP checksum 0.
+    """
+
+    def build() -> socket.socket:
+        _enter_namespace(namespace)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer_bytes)
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, buffer_bytes)
+            if not checksum:
+                sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+            sock.bind((address, port))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    try:
+        return _run_in_thread(build, namespace)
+    except OSError as error:
+        raise NetnsError(f"opening UDP socket {address}:{port} in {namespace} failed: {error}") from error
+
+
+def _run_netlink(function: Callable[[], None], namespace: str, what: str) -> None:
+    """Run a netlink step in a thread of `namespace`, raising NetnsError that names `what` on failure."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        _run_in_thread(function, namespace)
+    except (OSError, NetlinkError, IndexError) as error:
+        raise NetnsError(f"{what} failed: {error}") from error
 
 
 def resolver_address(cluster: Cluster, sandbox: Sandbox) -> ipaddress.IPv4Address | None:

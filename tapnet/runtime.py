@@ -5,22 +5,31 @@
 before it exists, and removes them all again in `teardown`.
 
 `TapLoop` moves frames between the TAP fds and the sans-I/O datapath. One
-trio task per TAP waits for readiness and drains the fd into the shared
-`FrameBatch`. It reads at most `DRAIN_FRAMES` frames, so one busy port cannot
-starve the others. It then calls `Fabric.process` once for the batch with
-trio's clock and the instance's generator, and writes the emitted frames with
-non-blocking writes. Nothing between the drain and the last write awaits, so the shared
-batch is never used by two tasks at once. A full TAP queue (EAGAIN) drops
-the frame and counts it; no step blocks the event loop.
+trio task waits on an epoll set of every TAP. When any TAP is readable it
+drains all ready TAPs into one `FrameBatch` (numba kernels in
+`tapnet.tapio`, one `readv` per frame and no Python per frame). Each TAP
+gets an equal share of the batch's `BATCH_FRAMES` slots, so one busy port
+cannot starve the others. The task then calls `Fabric.process` once for
+the batch with trio's clock and the instance's generator, and writes the
+emitted frames with non-blocking writes, again in one numba call. Nothing
+between the drain and the last write awaits. A full TAP queue (EAGAIN)
+drops the frame and counts it; no step blocks the event loop.
 
-`run_daemon` ties both together with the control socket and the signals
+`tapnet.underlay` builds each node's host namespace on the underlay bridge
+and runs the nodes' UDP sockets (VTEP and DNS upstream) as datapath ports.
+Frames the datapath emits on those ports go through `TapLoop._write` to
+`SocketPorts.send`, so every emit takes one path whichever loop produced it.
+
+`run_daemon` ties them together with the control socket and the signals
 that stop the instance.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import select
 import signal
 import subprocess
 import time
@@ -32,16 +41,21 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from tapnet import netns
+from tapnet import netns, tapio
 from tapnet.batch import MAX_FRAME, VNET_HDR_LEN, FrameBatch
 from tapnet.model import Cluster
 from tapnet.state import InstanceLock, StateFile, clean_leftovers, remove_objects
+from tapnet.underlay import SocketPorts, Underlay
 
 log = logging.getLogger(__name__)
 
-# Frames drained from one TAP per wake-up; 64 superframes of 64 KiB fill the batch buffer.
-DRAIN_FRAMES = 64
-BATCH_BYTES = DRAIN_FRAMES * MAX_FRAME
+# Frames per batch, drained from all ready TAPs together. With several TAPs
+# ready each gets an equal share, but at least MIN_DRAIN_FRAMES.
+BATCH_FRAMES = 256
+MIN_DRAIN_FRAMES = 16
+# Each read needs room for a whole superframe, so the batch holds at most 64
+# superframes of 64 KiB; small frames take all BATCH_FRAMES slots first.
+BATCH_BYTES = 64 * MAX_FRAME
 # Seconds between calls of `Fabric.tick` (MAC ageing) and task exit checks.
 TICK_INTERVAL = 1.0
 # At most this many log lines per error kind per TICK_INTERVAL; the rest are only counted.
@@ -74,97 +88,161 @@ class TapLoop:
         self.rng = rng
         self.port_ids = [fabric.port_id(tap.port) for tap in taps]
         self.fd_by_port = {pid: tap.fd for pid, tap in zip(self.port_ids, taps)}
+        self.port_by_fd = {tap.fd: pid for pid, tap in zip(self.port_ids, taps)}
         self.name_by_port = dict(enumerate(fabric.port_names))
 
-        self.batch = FrameBatch(DRAIN_FRAMES, BATCH_BYTES)
-        self._buf_view = memoryview(self.batch.buf)
-        self._vnet_rows = [memoryview(self.batch.vnet[i]) for i in range(DRAIN_FRAMES)]
+        self.batch = FrameBatch(BATCH_FRAMES, BATCH_BYTES)
+        self._drain_state = np.zeros(3, dtype=np.int64)  # [count, used, problems], see tapio.drain
+        self._rx_errors = np.zeros(len(taps), dtype=np.int32)
+        self._rx_short = np.zeros(len(taps), dtype=np.int64)
+        self._iov = np.zeros(4, dtype=np.uint64)
+        tapio.warm_up()
 
         self.drops: Counter[tuple[str, str]] = Counter()  # (port name, reason) -> frames
         self.batches = 0
-        self.dead_fds: set[int] = set()  # fds whose read failed for good; their tasks end
+        self.dead_fds: set[int] = set()  # fds whose read failed for good; they left the epoll set
+        self.socket_ports: SocketPorts | None = None  # sends emits on the nodes' UDP-socket ports; set by run_daemon
+        self.watch = None  # trace and capture subscribers (tapnet.watch.Watch); set by tapnet.views while any exists
+        self._epoll: select.epoll | None = None
         self._logged: Counter[str] = Counter()
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            for index in range(len(self.taps)):
-                nursery.start_soon(self._serve_tap, index)
-            nursery.start_soon(self._tick)
+        with select.epoll() as epoll:
+            for fd in self.port_by_fd:
+                epoll.register(fd, select.EPOLLIN)
+            self._epoll = epoll
+            try:
+                async with trio.open_nursery() as nursery:
+                    if self.taps:
+                        nursery.start_soon(self._serve_taps, epoll)
+                    nursery.start_soon(self._tick)
+            finally:
+                self._epoll = None
 
-    async def _serve_tap(self, index: int) -> None:
-        fd = self.taps[index].fd
-        port = self.port_ids[index]
-        while fd not in self.dead_fds:
-            await trio.lowlevel.wait_readable(fd)
-            self.forward_from(fd, port, trio.current_time())
-        log.error("stopped reading %s: its TAP fd failed; the port no longer receives", self.name_by_port[port])
+    async def _serve_taps(self, epoll: select.epoll) -> None:
+        # One task for every TAP: the epoll set becomes readable when any TAP
+        # is, and its level-triggered events name every ready TAP in turn.
+        while len(self.dead_fds) < len(self.port_by_fd):
+            await trio.lowlevel.wait_readable(epoll.fileno())
+            self.forward_ready([fd for fd, _ in epoll.poll(0)], trio.current_time())
+        log.error("stopped reading TAPs: every TAP fd failed")
 
     async def _tick(self) -> None:
         while True:
             await trio.sleep(TICK_INTERVAL)
-            self.fabric.tick(trio.current_time())
+            result = self.fabric.tick(trio.current_time())
+            for emit in result.emits:
+                self._write(emit.port, emit.frame, emit.vnet)
             self._logged.clear()
 
-    def forward_from(self, fd: int, port: int, now: float) -> int:
-        """Drain `fd` into the batch, run the datapath once and write what it emits; return frames read."""
-        count = self._drain(fd, port, now)
+    def forward_ready(self, fds: list[int], now: float) -> int:
+        """Drain the TAPs `fds` into one batch, run the datapath once and write what it emits; return frames read."""
+        fds = [fd for fd in fds if fd not in self.dead_fds]
+        if not fds:
+            return 0
+        count = self._drain(fds, now)
         if count == 0:
             return 0
 
+        watch = self.watch
         try:
-            result = self.fabric.process(self.batch, now, self.rng)
+            trace = watch is not None and watch.before(self.batch)
+            result = self.fabric.process(self.batch, now, self.rng, trace=trace)
+            if watch is not None:
+                watch.after(self.batch, result, now)
         except Exception:
-            self.drops[(self.name_by_port[port], DROP_DATAPATH_ERROR)] += count
+            for port, n in Counter(self.batch.ports[:count].tolist()).items():
+                self.drops[(self.name_by_port[port], DROP_DATAPATH_ERROR)] += n
             if self._may_log(DROP_DATAPATH_ERROR):
-                log.exception("datapath failed on a batch of %d frames from %s; batch dropped", count, self.name_by_port[port])
+                log.exception("datapath failed on a batch of %d frames from %d TAP(s); batch dropped", count, len(fds))
             return count
 
-        for emit in result.emits:
-            self._write(emit.port, emit.frame, emit.vnet)
+        self._write_batch(result.emits)
         self.batches += 1
         return count
 
-    def _drain(self, fd: int, port: int, now: float) -> int:
+    def _drain(self, fds: list[int], now: float) -> int:
         batch = self.batch
-        batch.clear()
-        # Bounded by reads, not frames, so a stream of short reads cannot spin here.
-        for _ in range(DRAIN_FRAMES):
-            i = batch.count
-            try:
-                n = os.readv(fd, [self._vnet_rows[i], self._buf_view[batch.used : batch.used + MAX_FRAME]])
-            except BlockingIOError:
-                break
-            except OSError as error:
-                # EBADFD or EIO once the device is gone: the fd stays readable, so
-                # serving it on would spin. Its task stops after this batch.
-                log.error("reading TAP of %s failed: %s", self.name_by_port[port], error)
-                self.dead_fds.add(fd)
-                break
-            if n < VNET_HDR_LEN:
-                self.drops[(self.name_by_port[port], DROP_RX_SHORT)] += 1
-                continue
-            batch.offsets[i] = batch.used
-            batch.lengths[i] = n - VNET_HDR_LEN
-            batch.ports[i] = port
-            batch.timestamps[i] = now
-            batch.count += 1
-            batch.used += n - VNET_HDR_LEN
+        state = self._drain_state
+        state.fill(0)
+        n = len(fds)
+        ports = np.array([self.port_by_fd[fd] for fd in fds], dtype=np.int32)
+        # Ready TAPs share the batch; each read is bounded, so a stream of short reads cannot spin.
+        per_fd = max(MIN_DRAIN_FRAMES, BATCH_FRAMES // n)
+        errors, short = self._rx_errors[:n], self._rx_short[:n]
+        tapio.drain(
+            np.array(fds, dtype=np.int32), ports, per_fd, batch.buf, batch.offsets, batch.lengths, batch.ports,
+            batch.vnet, batch.timestamps, now, state, errors, short, self._iov,
+        )
+        batch.count, batch.used, problems = state.tolist()
+        if problems:
+            self._count_rx_problems(fds, errors.tolist(), short.tolist())
         return batch.count
 
+    def _count_rx_problems(self, fds: list[int], errors: list[int], short: list[int]) -> None:
+        for fd, code, n_short in zip(fds, errors, short):
+            name = self.name_by_port[self.port_by_fd[fd]]
+            if n_short:
+                self.drops[(name, DROP_RX_SHORT)] += n_short
+            if code:
+                # EBADFD or EIO once the device is gone: the fd stays readable, so
+                # reading it on would spin. It leaves the epoll set for good.
+                log.error("reading TAP of %s failed: %s; the port no longer receives", name, os.strerror(code))
+                self.dead_fds.add(fd)
+                if self._epoll is not None:
+                    self._epoll.unregister(fd)
+
+    def _write_batch(self, emits: list) -> None:
+        """Write every emitted frame; frames for TAPs go out in one tapio.write call."""
+        fd_by_port = self.fd_by_port
+        fds: list[int] = []
+        frames: list[bytes] = []
+        vnets: list[bytes] = []
+        for emit in emits:
+            fd = fd_by_port.get(emit.port)
+            vnet = emit.vnet
+            if fd is None or (vnet is not None and len(vnet) != VNET_HDR_LEN):
+                self._write(emit.port, emit.frame, vnet)  # socket ports, missing TAPs, odd headers
+                continue
+            fds.append(fd)
+            frames.append(emit.frame)
+            vnets.append(ZERO_VNET if vnet is None else vnet)
+        if not fds:
+            return
+
+        n = len(fds)
+        results = np.empty(n, dtype=np.int64)
+        failed = tapio.write(
+            np.array(fds, dtype=np.int32), np.frombuffer(b"".join(frames), dtype=np.uint8),
+            np.fromiter(map(len, frames), dtype=np.int64, count=n), np.frombuffer(b"".join(vnets), dtype=np.uint8),
+            results, self._iov,
+        )
+        if failed:
+            for i in np.flatnonzero(results).tolist():
+                self._count_tx_failure(fds[i], -int(results[i]), len(frames[i]))
+
     def _write(self, port: int, frame: bytes, vnet: bytes | None) -> None:
+        """Write one emitted frame to whichever port it names: a TAP, or a node's UDP socket."""
         fd = self.fd_by_port.get(port)
-        name = self.name_by_port.get(port, f"port {port}")
+        if fd is None and self.socket_ports is not None and self.socket_ports.owns(port):
+            self.socket_ports.send(port, frame)
+            return
         if fd is None:
-            self.drops[(name, DROP_NO_TAP)] += 1
+            self.drops[(self.name_by_port.get(port, f"port {port}"), DROP_NO_TAP)] += 1
             return
         try:
             os.writev(fd, [vnet if vnet is not None else ZERO_VNET, frame])
-        except BlockingIOError:
-            self.drops[(name, DROP_TX_FULL)] += 1
         except OSError as error:
-            self.drops[(name, DROP_TX_ERROR)] += 1
-            if self._may_log(DROP_TX_ERROR):
-                log.warning("writing a %d-byte frame to %s failed: %s", len(frame), name, error)
+            self._count_tx_failure(fd, error.errno, len(frame))
+
+    def _count_tx_failure(self, fd: int, code: int, length: int) -> None:
+        name = self.name_by_port[self.port_by_fd[fd]]
+        if code == errno.EAGAIN:
+            self.drops[(name, DROP_TX_FULL)] += 1
+            return
+        self.drops[(name, DROP_TX_ERROR)] += 1
+        if self._may_log(DROP_TX_ERROR):
+            log.warning("writing a %d-byte frame to %s failed: %s", length, name, os.strerror(code))
 
     def _may_log(self, kind: str) -> bool:
         self._logged[kind] += 1
@@ -192,6 +270,8 @@ class Instance:
     tasks: dict[str, TaskProcess] = field(default_factory=dict)
     fabric: object | None = None
     loop: TapLoop | None = None
+    underlay: Underlay = field(default_factory=Underlay)
+    sockets: SocketPorts | None = None
     seed: int = 0
     started_at: float = field(default_factory=time.time)
     stopping: trio.Event | None = None
@@ -220,6 +300,10 @@ class Instance:
             self.taps.extend(netns.create_endpoints(namespace, sandbox, self.cluster))
             log.info("sandbox %s ready in %s (%s)", sandbox.name, namespace, ", ".join(f"{e.ifname} {e.ip}" for e in sandbox.endpoints))
 
+    def realise_underlay(self) -> None:
+        """Create the underlay bridge, each node's host namespace with its sockets, and the client namespaces."""
+        self.underlay.build(self.name, self.cluster, self.state, self.fabric)
+
     def start_tasks(self) -> None:
         """Start each sandbox's command inside its namespace, logging to logs/<sandbox>.log."""
         for sandbox in self.cluster.sandboxes.values():
@@ -244,6 +328,7 @@ class Instance:
         for tap in self.taps:
             tap.close()
         self.taps.clear()
+        self.underlay.close()
         report = remove_objects(self.state)
         log.info("instance %s stopped: %s", self.name, report.summary())
 
@@ -306,8 +391,12 @@ def run_daemon(
         log.info("instance %s: random seed %d", name, seed)
         try:
             instance.fabric = build_fabric(cluster)
+            instance.realise_underlay()
             instance.realise()
-            instance.loop = TapLoop(instance.fabric, instance.taps, np.random.default_rng(seed))
+            rng = np.random.default_rng(seed)
+            instance.loop = TapLoop(instance.fabric, instance.taps, rng)
+            instance.sockets = SocketPorts(instance.fabric, instance.underlay.ports, rng, instance.loop._write, instance.loop.drops)
+            instance.loop.socket_ports = instance.sockets
             instance.start_tasks()
             trio.run(_main, instance, serve_control, on_ready)
         finally:
@@ -327,6 +416,7 @@ async def _main(instance: Instance, serve_control: Callable, on_ready: Callable[
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(instance.loop.run)
+            nursery.start_soon(instance.sockets.run)
             nursery.start_soon(_watch_tasks, instance)
             nursery.start_soon(_watch_signals, signals, instance)
             await nursery.start(serve_control, instance)

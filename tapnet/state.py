@@ -12,7 +12,15 @@ instance made and never touches another instance or anything else:
 - processes that live inside one of the instance's namespaces are ended too,
   because only the instance and its users can have put them there;
 - an /etc/netns directory is removed only when it is a `tn-*` directory the
-  file lists.
+  file lists;
+- a veth pair of the underlay (kind `veth`) has both ends inside the
+  instance's namespaces (the underlay namespace and a host or client
+  namespace), so it goes when they go; the file lists it so that the state
+  shows the whole underlay.
+
+Namespaces carry a `role` besides sandbox namespaces: `underlay`, `host`
+(with its `node`) or `client` (with its `client` name). Cleanup treats them
+all alike. Sockets (the VTEPs) are fds of the daemon and need no entry.
 
 The running daemon holds an exclusive `flock` on `lock` in the state
 directory. The kernel drops it when the daemon dies, even by SIGKILL, so a
@@ -242,12 +250,14 @@ def processes_in_namespaces(identities: list[list[int]]) -> list[tuple[int, int 
 class CleanupReport:
     processes: int = 0
     namespaces: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)  # veth pairs gone with their namespaces, as `<namespace>/<name>`
     etc_dirs: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        links = f" (with {len(self.links)} veth pairs)" if self.links else ""
         return (
-            f"ended {self.processes} processes, removed {len(self.namespaces)} namespaces"
+            f"ended {self.processes} processes, removed {len(self.namespaces)} namespaces{links}"
             f" and {len(self.etc_dirs)} /etc/netns directories"
             + (f"; left alone: {', '.join(self.skipped)}" if self.skipped else "")
         )
@@ -280,6 +290,11 @@ def remove_objects(state: StateFile) -> CleanupReport:
             report.namespaces.append(entry["name"])
         elif netns.namespace_identity(entry["name"]) is not None:
             report.skipped.append(entry["name"])
+
+    removed = set(report.namespaces)
+    for entry in state.objects:
+        if entry["kind"] == "veth" and (entry["namespace"] in removed or entry["peer_namespace"] in removed):
+            report.links.append(f"{entry['namespace']}/{entry['name']}")
 
     for entry in state.objects:
         if entry["kind"] == "etc_netns" and netns.remove_etc_dir(entry["path"]):

@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +136,49 @@ class LiveInstance:
 
     def drops(self, reason: str) -> int:
         return sum(port["drops"].get(reason, 0) for port in self.stats().values())
+
+
+def netns_run(namespace: str, *command: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command inside a namespace the test or tapnet created (`ip netns exec`), with text output."""
+    assert namespace.startswith("tn"), f"refusing to run in namespace {namespace!r}: not a tn namespace"
+    completed = subprocess.run(["ip", "netns", "exec", namespace, *command], capture_output=True, text=True, timeout=timeout)
+    if check and completed.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} in {namespace} exited {completed.returncode}\n{completed.stdout}\n{completed.stderr}")
+    return completed
+
+
+def end_process(process: subprocess.Popen, grace: float = 5.0) -> None:
+    """End a process the test started, by its PID: SIGTERM, then SIGKILL after `grace` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def capture(namespace: str, interface: str, path: Path, bpf_filter: str, snaplen: int = 0, timeout: float = 10.0):
+    """Run tcpdump on `interface` inside `namespace`, writing `path`, for the duration of the block.
+
+    Waits until tcpdump reports that it listens, so traffic sent inside the
+    block is captured, and ends tcpdump by PID afterwards (also on failure).
+    """
+    # Immediate mode: without it tcpdump reads the kernel's capture ring once a
+    # block fills or times out, so packets of the last second would be lost at exit.
+    argv = ["ip", "netns", "exec", namespace, "tcpdump", "--immediate-mode", "-i", interface, "-U", "-n", "-w", str(path)]
+    if snaplen:
+        argv += ["-s", str(snaplen)]
+    process = subprocess.Popen([*argv, bpf_filter], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([process.stderr], [], [], timeout)
+        line = process.stderr.readline() if ready else ""
+        assert "listening on" in line, f"tcpdump in {namespace} did not start: {line!r}"
+        yield process
+        time.sleep(0.2)  # let tcpdump write the last packets
+    finally:
+        end_process(process)
 
 
 def start_instance(name: str, stack_text: str, directory: Path) -> LiveInstance:

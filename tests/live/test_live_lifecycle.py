@@ -186,7 +186,7 @@ def test_foreground_start_stops_on_ctrl_c(tmp_path):
             if "running" in line:
                 break
         assert "web.1" in banner
-        assert len(instance_namespaces("lvf")) == 2
+        assert instance_namespaces("lvf") == ["tn-lvf-client.1", "tn-lvf-host-node1", "tn-lvf-underlay", "tn-lvf-web.1"]
 
         daemon.send_signal(signal.SIGINT)
 
