@@ -340,7 +340,10 @@ class Datapath:
             from tapnet import offload  # numba compile on first use only
 
             try:
-                frames = offload.segment(frame, vnet)
+                if vnet[1] & 0x7F:  # gso_type other than VIRTIO_NET_HDR_GSO_NONE: a superframe
+                    frames = offload.segment(frame, vnet)
+                else:
+                    frames = [offload.complete_checksum(frame, vnet)]
             except ValueError as error:
                 self._drop(port.id, "offload-failed", "vxlan", trace, str(error))
                 return
@@ -523,6 +526,8 @@ class Datapath:
             stage.follow(cluster)
 
 
+OFFLOAD_FLAGS = parse.NEEDS_CSUM | parse.IS_GSO
+
 # Timers (MAC ageing, stage timeouts) run at least this often, in seconds of datapath time.
 TICK_INTERVAL = 1.0
 
@@ -545,7 +550,11 @@ def install_stages(dp: "Datapath") -> None:
 
 
 class _Columns:
-    """Record fields as Python lists: one vectorised conversion per batch, cheap indexing per frame."""
+    """Record fields as Python lists, converted on first use: cheap indexing per frame.
+
+    A field costs one vectorised `tolist` per batch, and only when a frame of
+    the batch needs it, so a batch of one frame does not pay for every field.
+    """
 
     FIELDS = (
         "status", "flags", "dst_mac", "src_mac", "ethertype", "l3_off", "l4_off",
@@ -556,8 +565,12 @@ class _Columns:
     )
 
     def __init__(self, records: np.ndarray):
-        for name in self.FIELDS:
-            setattr(self, name, records[name].tolist())
+        self._records = records
+
+    def __getattr__(self, name: str) -> list:
+        values = self._records[name].tolist()
+        setattr(self, name, values)
+        return values
 
 
 class Fabric:
@@ -672,7 +685,6 @@ class Fabric:
         offsets = batch.offsets[:count].tolist()
         lengths = batch.lengths[:count].tolist()
         port_ids = batch.ports[:count].tolist()
-        has_vnet = batch.vnet[:count].any(axis=1).tolist()
         times = batch.timestamps[:count].tolist() if now is None else None
         n_ports = len(self.ports)
 
@@ -681,7 +693,8 @@ class Fabric:
             t = times[i] if times is not None else now
             start = offsets[i]
             frame = data[start : start + lengths[i]]
-            vnet = batch.vnet[i].tobytes() if has_vnet[i] else None
+            # The virtio-net header matters only for partial checksums and GSO.
+            vnet = batch.vnet[i].tobytes() if cols.flags[i] & OFFLOAD_FLAGS else None
             self.now = t
             if self.next_tick is None:
                 self.next_tick = t + TICK_INTERVAL

@@ -120,7 +120,8 @@ class LoadBalancer:
             view.arp_table[vip.ip] = vip.mac
             view.service_macs[vip.mac] = self
         self.live_backends = {b for vip in self.vips.values() for b in vip.backends}
-        self.dp.nat_watch = set(self.live_backends)
+        # Only tasks that were given a connection can send replies to translate.
+        self.dp.nat_watch &= self.live_backends
 
     # ---- frames for a VIP MAC ----------------------------------------------
 
@@ -184,6 +185,7 @@ class LoadBalancer:
                 reason = "conntrack-full" if entry == nat.REJECTED_FULL else "nat-failed"
                 ctx.drop(reason, "conntrack", "new flow refused" if entry == nat.REJECTED_FULL else "tuple already tracked")
                 return
+            self.dp.nat_watch.add(backend)
             ctx.note(
                 "conntrack", "new",
                 f"entry {entry}: rr over {len(vip.backends)} task(s) of {vip.service} -> {vip.sandbox_of.get(backend, '?')}",
