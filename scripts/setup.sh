@@ -54,5 +54,5 @@ LAUNCHER
 chmod 755 /usr/local/bin/tapnet
 
 # Compile and cache the numba functions once, so the first start is fast.
-.venv/bin/python -c "import tapnet.parse" >/dev/null 2>&1 || true
+.venv/bin/python -m tapnet.warmup
 echo "setup.sh: ready; try 'sudo tapnet start' or '.venv/bin/python -m pytest'"

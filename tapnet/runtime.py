@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from tapnet import netns, tapio
+from tapnet import mesh, netns, tapio
 from tapnet.batch import MAX_FRAME, VNET_HDR_LEN, FrameBatch
 from tapnet.model import Cluster
 from tapnet.state import InstanceLock, StateFile, clean_leftovers, remove_objects
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 # ready each gets an equal share, but at least MIN_DRAIN_FRAMES.
 BATCH_FRAMES = 256
 MIN_DRAIN_FRAMES = 16
+# Distinct sets of ready TAPs whose kernel arguments are kept; the cache starts over when full.
+READY_SETS_CACHED = 64
 # Each read needs room for a whole superframe, so the batch holds at most 64
 # superframes of 64 KiB; small frames take all BATCH_FRAMES slots first.
 BATCH_BYTES = 64 * MAX_FRAME
@@ -92,10 +94,12 @@ class TapLoop:
         self.name_by_port = dict(enumerate(fabric.port_names))
 
         self.batch = FrameBatch(BATCH_FRAMES, BATCH_BYTES)
-        self._drain_state = np.zeros(3, dtype=np.int64)  # [count, used, problems], see tapio.drain
+        self._drain_state = np.zeros(tapio.STATE_LEN, dtype=np.int64)
         self._rx_errors = np.zeros(len(taps), dtype=np.int32)
         self._rx_short = np.zeros(len(taps), dtype=np.int64)
         self._iov = np.zeros(4, dtype=np.uint64)
+        # (fd array, port array) for each set of ready fds seen lately: building them costs more than draining one frame.
+        self._ready_arrays: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         tapio.warm_up()
 
         self.drops: Counter[tuple[str, str]] = Counter()  # (port name, reason) -> frames
@@ -137,7 +141,7 @@ class TapLoop:
 
     def forward_ready(self, fds: list[int], now: float) -> int:
         """Drain the TAPs `fds` into one batch, run the datapath once and write what it emits; return frames read."""
-        fds = [fd for fd in fds if fd not in self.dead_fds]
+        fds = [fd for fd in fds if fd in self.port_by_fd and fd not in self.dead_fds]
         if not fds:
             return 0
         count = self._drain(fds, now)
@@ -162,21 +166,27 @@ class TapLoop:
         return count
 
     def _drain(self, fds: list[int], now: float) -> int:
+        key = tuple(fds)
+        arrays = self._ready_arrays.get(key)
+        if arrays is None:
+            if len(self._ready_arrays) >= READY_SETS_CACHED:
+                self._ready_arrays.clear()
+            arrays = (np.array(fds, dtype=np.int32), np.array([self.port_by_fd[fd] for fd in fds], dtype=np.int32))
+            self._ready_arrays[key] = arrays
+        fd_array, ports = arrays
+
+        # Ready TAPs share the batch; each read is bounded, so a stream of short reads cannot spin.
+        per_fd = max(MIN_DRAIN_FRAMES, BATCH_FRAMES // len(fds))
         batch = self.batch
         state = self._drain_state
-        state.fill(0)
-        n = len(fds)
-        ports = np.array([self.port_by_fd[fd] for fd in fds], dtype=np.int32)
-        # Ready TAPs share the batch; each read is bounded, so a stream of short reads cannot spin.
-        per_fd = max(MIN_DRAIN_FRAMES, BATCH_FRAMES // n)
-        errors, short = self._rx_errors[:n], self._rx_short[:n]
         tapio.drain(
-            np.array(fds, dtype=np.int32), ports, per_fd, batch.buf, batch.offsets, batch.lengths, batch.ports,
-            batch.vnet, batch.timestamps, now, state, errors, short, self._iov,
+            fd_array, ports, per_fd, batch.buf, batch.offsets, batch.lengths, batch.ports, batch.vnet,
+            batch.timestamps, now, state, self._rx_errors, self._rx_short, self._iov,
         )
         batch.count, batch.used, problems = state.tolist()
         if problems:
-            self._count_rx_problems(fds, errors.tolist(), short.tolist())
+            n = len(fds)
+            self._count_rx_problems(fds, self._rx_errors[:n].tolist(), self._rx_short[:n].tolist())
         return batch.count
 
     def _count_rx_problems(self, fds: list[int], errors: list[int], short: list[int]) -> None:
@@ -195,31 +205,26 @@ class TapLoop:
     def _write_batch(self, emits: list) -> None:
         """Write every emitted frame; frames for TAPs go out in one tapio.write call."""
         fd_by_port = self.fd_by_port
-        fds: list[int] = []
-        frames: list[bytes] = []
-        vnets: list[bytes] = []
+        plan: list[int] = []  # (fd, message length) pairs, see tapio.write
+        parts: list[bytes] = []  # each message's virtio-net header, then its frame
         for emit in emits:
             fd = fd_by_port.get(emit.port)
             vnet = emit.vnet
             if fd is None or (vnet is not None and len(vnet) != VNET_HDR_LEN):
                 self._write(emit.port, emit.frame, vnet)  # socket ports, missing TAPs, odd headers
                 continue
-            fds.append(fd)
-            frames.append(emit.frame)
-            vnets.append(ZERO_VNET if vnet is None else vnet)
-        if not fds:
+            parts.append(ZERO_VNET if vnet is None else vnet)
+            parts.append(emit.frame)
+            plan.append(fd)
+            plan.append(VNET_HDR_LEN + len(emit.frame))
+        if not plan:
             return
 
-        n = len(fds)
-        results = np.empty(n, dtype=np.int64)
-        failed = tapio.write(
-            np.array(fds, dtype=np.int32), np.frombuffer(b"".join(frames), dtype=np.uint8),
-            np.fromiter(map(len, frames), dtype=np.int64, count=n), np.frombuffer(b"".join(vnets), dtype=np.uint8),
-            results, self._iov,
-        )
-        if failed:
-            for i in np.flatnonzero(results).tolist():
-                self._count_tx_failure(fds[i], -int(results[i]), len(frames[i]))
+        plan_array = np.array(plan, dtype=np.int64)
+        if tapio.write(plan_array, np.frombuffer(b"".join(parts), dtype=np.uint8)):
+            for i in range(1, len(plan), 2):
+                if plan_array[i] < 0:
+                    self._count_tx_failure(plan[i - 1], -int(plan_array[i]), plan[i] - VNET_HDR_LEN)
 
     def _write(self, port: int, frame: bytes, vnet: bytes | None) -> None:
         """Write one emitted frame to whichever port it names: a TAP, or a node's UDP socket."""
@@ -248,6 +253,43 @@ class TapLoop:
         self._logged[kind] += 1
         return self._logged[kind] <= ERROR_LOGS_PER_TICK
 
+    def add_taps(self, taps: list[netns.Tap]) -> None:
+        """Start reading `taps`, whose ports the fabric already has (after `Fabric.update_cluster`)."""
+        self.name_by_port = dict(enumerate(self.fabric.port_names))
+        for tap in taps:
+            port = self.fabric.port_id(tap.port)
+            self.taps.append(tap)
+            self.port_ids.append(port)
+            self.fd_by_port[port] = tap.fd
+            self.port_by_fd[tap.fd] = port
+            self.dead_fds.discard(tap.fd)
+            if self._epoll is not None:
+                self._epoll.register(tap.fd, select.EPOLLIN)
+        self._resize_per_tap_arrays()
+
+    def remove_taps(self, taps: list[netns.Tap]) -> None:
+        """Stop reading `taps` and close them; their ports keep their counters."""
+        for tap in taps:
+            fd = tap.fd
+            port = self.port_by_fd.pop(fd, None)
+            if port is not None:
+                self.fd_by_port.pop(port, None)
+                self.port_ids.remove(port)
+            if self._epoll is not None and fd not in self.dead_fds:
+                self._epoll.unregister(fd)
+            self.dead_fds.discard(fd)
+            self.taps.remove(tap)
+            tap.close()
+        self._resize_per_tap_arrays()
+
+    def _resize_per_tap_arrays(self) -> None:
+        # A closed fd number can come back for another TAP, so cached fd -> port arrays go.
+        self._ready_arrays.clear()
+        n = max(1, len(self.taps))
+        if len(self._rx_errors) < n:
+            self._rx_errors = np.zeros(n, dtype=np.int32)
+            self._rx_short = np.zeros(n, dtype=np.int64)
+
     def counters(self) -> dict[str, dict]:
         """Per-port counters of the datapath with the runtime's own drops merged in."""
         out = self.fabric.counters()
@@ -275,6 +317,8 @@ class Instance:
     seed: int = 0
     started_at: float = field(default_factory=time.time)
     stopping: trio.Event | None = None
+    relays: list = field(default_factory=list)  # tapnet.mesh.Relay listeners on 127.0.0.1
+    conntrack_max: int | None = None  # entries per node's conntrack table; None keeps tapnet.lb.CONNTRACK_MAX
 
     @property
     def log_dir(self) -> Path:
@@ -283,22 +327,27 @@ class Instance:
     def realise(self) -> None:
         """Create every sandbox namespace, its /etc/netns files and its TAP endpoints."""
         for sandbox in self.cluster.sandboxes.values():
-            namespace = netns.namespace_name(self.name, sandbox.name)
-            if netns.namespace_identity(namespace) is not None:
-                raise netns.NamespaceTaken(
-                    f"namespace {namespace} (sandbox {sandbox.name}) already exists and is not listed in the state of "
-                    f"instance {self.name}; remove it (ip netns delete {namespace}) or use another --instance"
-                )
-            entry = self.state.add("netns", name=namespace, sandbox=sandbox.name, identity=None)
-            identity = netns.create_namespace(namespace)
-            self.state.update(entry, identity=identity)
-            self.namespaces[sandbox.name] = namespace
+            self.taps.extend(self.realise_sandbox(sandbox, self.cluster))
 
-            self.state.add("etc_netns", path=str(netns.ETC_NETNS_DIR / namespace))
-            netns.write_etc_files(namespace, sandbox, self.cluster)
+    def realise_sandbox(self, sandbox, cluster: Cluster) -> list[netns.Tap]:
+        """Create one sandbox's namespace (recorded in the state first), /etc/netns files and TAPs; return the TAPs."""
+        namespace = netns.namespace_name(self.name, sandbox.name)
+        if netns.namespace_identity(namespace) is not None:
+            raise netns.NamespaceTaken(
+                f"namespace {namespace} (sandbox {sandbox.name}) already exists and is not listed in the state of "
+                f"instance {self.name}; remove it (ip netns delete {namespace}) or use another --instance"
+            )
+        entry = self.state.add("netns", name=namespace, sandbox=sandbox.name, identity=None)
+        identity = netns.create_namespace(namespace)
+        self.state.update(entry, identity=identity)
+        self.namespaces[sandbox.name] = namespace
 
-            self.taps.extend(netns.create_endpoints(namespace, sandbox, self.cluster))
-            log.info("sandbox %s ready in %s (%s)", sandbox.name, namespace, ", ".join(f"{e.ifname} {e.ip}" for e in sandbox.endpoints))
+        self.state.add("etc_netns", path=str(netns.ETC_NETNS_DIR / namespace), sandbox=sandbox.name)
+        netns.write_etc_files(namespace, sandbox, cluster)
+
+        taps = netns.create_endpoints(namespace, sandbox, cluster)
+        log.info("sandbox %s ready in %s (%s)", sandbox.name, namespace, ", ".join(f"{e.ifname} {e.ip}" for e in sandbox.endpoints))
+        return taps
 
     def realise_underlay(self) -> None:
         """Create the underlay bridge, each node's host namespace with its sockets, and the client namespaces."""
@@ -307,13 +356,17 @@ class Instance:
     def start_tasks(self) -> None:
         """Start each sandbox's command inside its namespace, logging to logs/<sandbox>.log."""
         for sandbox in self.cluster.sandboxes.values():
-            if not sandbox.command:
-                continue
-            log_path = self.log_dir / f"{sandbox.name}.log"
-            popen = netns.spawn_in_namespace(self.namespaces[sandbox.name], list(sandbox.command), log_path)
-            self.state.record_process(popen.pid, sandbox.name)
-            self.tasks[sandbox.name] = TaskProcess(sandbox.name, list(sandbox.command), popen, log_path)
-            log.info("task %s started: pid %d, %s", sandbox.name, popen.pid, " ".join(sandbox.command))
+            self.start_task(sandbox)
+
+    def start_task(self, sandbox) -> None:
+        """Start one sandbox's command, if it has one, and record its PID in the state."""
+        if not sandbox.command:
+            return
+        log_path = self.log_dir / f"{sandbox.name}.log"
+        popen = netns.spawn_in_namespace(self.namespaces[sandbox.name], list(sandbox.command), log_path)
+        self.state.record_process(popen.pid, sandbox.name)
+        self.tasks[sandbox.name] = TaskProcess(sandbox.name, list(sandbox.command), popen, log_path)
+        log.info("task %s started: pid %d, %s", sandbox.name, popen.pid, " ".join(sandbox.command))
 
     def poll_tasks(self) -> None:
         for task in self.tasks.values():
@@ -328,6 +381,9 @@ class Instance:
         for tap in self.taps:
             tap.close()
         self.taps.clear()
+        for relay in self.relays:
+            relay.close()
+        self.relays.clear()
         self.underlay.close()
         report = remove_objects(self.state)
         log.info("instance %s stopped: %s", self.name, report.summary())
@@ -340,6 +396,9 @@ def build_fabric(cluster: Cluster):
 
     fabric = Fabric(cluster)
     warm_up_parser()
+    from tapnet.warmup import warm_up
+
+    warm_up()  # conntrack, NAT, offload and capture code too, so no first frame compiles them
     return fabric
 
 
@@ -365,6 +424,7 @@ def run_daemon(
     on_ready: Callable[[Instance], None],
     stack_label: str = "",
     seed: int | None = None,
+    conntrack_max: int | None = None,
 ) -> int:
     """Realise `cluster` as instance `name` and run it until SIGINT, SIGTERM or a stop request.
 
@@ -387,11 +447,16 @@ def run_daemon(
         state.record_daemon(os.getpid())
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
-        instance = Instance(name, cluster, state, stack_label=stack_label, seed=seed)
+        instance = Instance(name, cluster, state, stack_label=stack_label, seed=seed, conntrack_max=conntrack_max)
         log.info("instance %s: random seed %d", name, seed)
         try:
+            # Relay ports first: one in use stops the start before any namespace exists.
+            instance.relays = mesh.open_relays(cluster)
             instance.fabric = build_fabric(cluster)
+            mesh.size_conntrack(instance.fabric, conntrack_max, seed)
             instance.realise_underlay()
+            instance.taps.extend(mesh.realise(cluster, instance.underlay.hosts))
+            mesh.aim_relays(instance.relays, cluster, instance.underlay.hosts)
             instance.realise()
             rng = np.random.default_rng(seed)
             instance.loop = TapLoop(instance.fabric, instance.taps, rng)
@@ -419,6 +484,7 @@ async def _main(instance: Instance, serve_control: Callable, on_ready: Callable[
             nursery.start_soon(instance.sockets.run)
             nursery.start_soon(_watch_tasks, instance)
             nursery.start_soon(_watch_signals, signals, instance)
+            nursery.start_soon(mesh.serve_relays, instance.relays)
             await nursery.start(serve_control, instance)
             on_ready(instance)
             await instance.stopping.wait()
