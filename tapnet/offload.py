@@ -363,6 +363,32 @@ def _complete_frame(buf, csum_start, csum_offset):
     _complete_in_place(buf, 0, buf.size, csum_start, csum_offset)
 
 
+@njit(**_JIT_OPTIONS)
+def complete_partial(buf, offsets, lengths, vnet, count):
+    """Finish the partial checksum of every non-GSO frame of a batch in place; return how many.
+
+    A frame whose virtio-net header has NEEDS_CSUM and gso_type NONE gets its
+    checksum written and the NEEDS_CSUM bit cleared, so later stages and
+    ports see an ordinary frame. GSO superframes keep their partial checksum
+    for segmentation, and a header pointing outside its frame is left for
+    the parser to report as malformed-vnet-hdr.
+    """
+    done = 0
+    for i in range(count):
+        if not vnet[i, 0] & VIRTIO_NET_HDR_F_NEEDS_CSUM or vnet[i, 1] != 0:
+            continue
+        csum_start = _le16(vnet, i, 6)
+        csum_offset = _le16(vnet, i, 8)
+        length = lengths[i]
+        if csum_start + csum_offset + 2 > length:
+            continue
+        start = offsets[i]
+        _complete_in_place(buf, start, start + length, csum_start, csum_offset)
+        vnet[i, 0] &= ~VIRTIO_NET_HDR_F_NEEDS_CSUM
+        done += 1
+    return done
+
+
 def segment(frame: bytes, vnet: bytes | None, mss: int | None = None) -> list[bytes]:
     """Cut a TCP superframe into finished segments; complete the checksum of any other frame.
 

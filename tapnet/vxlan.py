@@ -141,17 +141,52 @@ def source_port(inner: bytes) -> int:
     return SOURCE_PORT_MIN + zlib.crc32(key) % span
 
 
+_OUTER = struct.Struct("!12s2s2sHH4sH8sHHHH8s")  # Ethernet, IPv4 and UDP headers with the VXLAN header
+# Outer header templates per tunnel, bounded: cleared when more than 4096 tunnels were seen.
+_templates: dict[tuple[int, int, int, int, int], tuple[bytes, bytes, int, bytes, bytes, bytes]] = {}
+
+
+def _template(vni: int, src_ip: int, dst_ip: int, src_mac: int, dst_mac: int):
+    """Fixed parts of the outer headers for one tunnel, and the IPv4 header sum without length and id."""
+    key = (vni, src_ip, dst_ip, src_mac, dst_mac)
+    found = _templates.get(key)
+    if found is None:
+        macs = dst_mac.to_bytes(6, "big") + src_mac.to_bytes(6, "big")
+        version_tos = bytes((0x45, 0))
+        flags_ttl_proto = struct.pack("!HBB", 0, OUTER_TTL, 17)
+        addresses = struct.pack("!II", src_ip, dst_ip)
+        base = _sum_words(version_tos + flags_ttl_proto + addresses)
+        vxlan = struct.pack("!B3xI", VXLAN_FLAG_I, vni << 8)
+        found = (macs + b"\x08\x00", version_tos, base, flags_ttl_proto, addresses, vxlan)
+        if len(_templates) > 4096:
+            _templates.clear()
+        _templates[key] = found
+    return found
+
+
+def _sum_words(data: bytes) -> int:
+    return sum(struct.unpack(f"!{len(data) // 2}H", data))
+
+
 def encapsulate(inner: bytes, vni: int, src_ip: int, dst_ip: int, src_mac: int, dst_mac: int, ip_id: int) -> bytes:
-    """Wrap `inner` in VXLAN, UDP, IPv4 and Ethernet headers for the underlay."""
-    vxlan = struct.pack("!B3xI", VXLAN_FLAG_I, vni << 8)
+    """Wrap `inner` in VXLAN, UDP, IPv4 and Ethernet headers for the underlay.
+
+    The fixed header parts come from a per-tunnel template; only the lengths,
+    the IPv4 identification, its checksum and the UDP source port change per
+    frame.
+    """
+    eth, version_tos, base, flags_ttl_proto, addresses, vxlan = _template(vni, src_ip, dst_ip, src_mac, dst_mac)
     udp_len = 8 + VXLAN_HEADER_LEN + len(inner)
-    udp = struct.pack("!HHHH", source_port(inner), VXLAN_PORT, udp_len, 0)
-    ip = bytearray(
-        struct.pack("!BBHHHBBHII", 0x45, 0, 20 + udp_len, ip_id & 0xFFFF, 0, OUTER_TTL, 17, 0, src_ip, dst_ip)
+    total = 20 + udp_len
+    ip_id &= 0xFFFF
+    checksum = base + total + ip_id
+    checksum = (checksum & 0xFFFF) + (checksum >> 16)
+    checksum = ~((checksum & 0xFFFF) + (checksum >> 16)) & 0xFFFF
+    header = _OUTER.pack(
+        eth[:12], eth[12:], version_tos, total, ip_id, flags_ttl_proto, checksum, addresses,
+        source_port(inner), VXLAN_PORT, udp_len, 0, vxlan,
     )
-    ip[10:12] = struct.pack("!H", _checksum(bytes(ip)))
-    eth = dst_mac.to_bytes(6, "big") + src_mac.to_bytes(6, "big") + b"\x08\x00"
-    return eth + bytes(ip) + udp + vxlan + inner
+    return header + inner
 
 
 def wrap_datagram(payload: bytes, src_ip: int, src_port: int, dst_ip: int, dst_port: int, ip_id: int = 0) -> bytes:

@@ -7,6 +7,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 
 from dpkit import Wire
+from tapnet.batch import FrameBatch
 from tapnet import reasons
 
 BROADCAST = "ff:ff:ff:ff:ff:ff"
@@ -237,3 +238,25 @@ def test_random_frames_never_raise(frames, port_index):
             assert record.reason in reasons.BY_CODE
     for emit in result.emits:
         assert wire.fabric.ports[emit.port].network == network
+
+
+def test_partial_checksum_is_completed_before_delivery(wire):
+    import struct
+
+    frame = Ether(src=wire.mac("app.1", "back"), dst=wire.mac("db.1", "back")) / IP(
+        src=wire.ip("app.1", "back"), dst=wire.ip("db.1", "back")
+    ) / UDP(sport=1000, dport=2000) / b"partial"
+    complete = bytes(frame)
+    partial = bytearray(complete)
+    # What the kernel hands over with checksum offload: the pseudo-header sum, not inverted.
+    pseudo = sum(struct.unpack("!4H", complete[26:34])) + 17 + 8 + 7
+    while pseudo >> 16:
+        pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
+    partial[40:42] = struct.pack("!H", pseudo)
+    vnet = struct.pack("<BBHHHH", 1, 0, 0, 0, 34, 6)
+    batch = FrameBatch(4)
+    batch.append(wire.port("app.1", "back"), bytes(partial), vnet)
+    result = wire.fabric.process(batch, 0.0, wire.rng)
+    [emit] = [e for e in result.emits if e.port == wire.port("db.1", "back")] or result.emits
+    assert emit.frame == complete
+    assert emit.vnet is None
