@@ -18,6 +18,7 @@ import sys
 SUBCOMMAND_MODULES = {
     "tapnet.control": ("start", "stop", "ps", "inspect", "stats", "exec"),
     "tapnet.replay": ("replay",),
+    "tapnet.views": ("trace", "capture", "fdb", "neigh", "diagram"),
 }
 
 

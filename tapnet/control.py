@@ -158,11 +158,36 @@ def handle_request(instance, message: object) -> object:
         log.info("instance %s: stop requested over the control socket", instance.name)
         instance.stopping.set()
         return {"stopping": True}
+    if op in SERVICE_OPS:
+        return _handle_service_request(instance, op, message)
     from tapnet import views  # trace, capture, fdb, neigh and diagram
 
     if op in views.CONTROL_OPS:
         return views.handle_request(instance, op, message)
     raise ValueError(f"unknown request {op!r}")
+
+
+SERVICE_OPS = frozenset({"scale", "conntrack", "lb"})
+
+
+def _handle_service_request(instance, op: str, message: dict) -> object:
+    """Serve `scale`, `conntrack` and `lb` (tapnet.servicectl)."""
+    import trio
+
+    from tapnet import servicectl
+
+    now = trio.current_time()
+    node = message.get("node")
+    if node is not None and not isinstance(node, str):
+        raise ValueError('invalid request: "node" must be a string')
+    if op == "conntrack":
+        return servicectl.conntrack_view(instance, node, now, entries=not message.get("count_only", False))
+    if op == "lb":
+        return servicectl.lb_view(instance, node, now)
+    service, replicas = message.get("service"), message.get("replicas")
+    if not isinstance(service, str) or not isinstance(replicas, int) or isinstance(replicas, bool):
+        raise ValueError('invalid request: scale needs "service" (string) and "replicas" (integer)')
+    return servicectl.apply_scale(instance, service, replicas)
 
 
 def _object_id(instance: str, kind: str, name: str) -> str:
@@ -289,7 +314,21 @@ def view_inspect(instance, name: str) -> list[dict]:
     if name in cluster.networks:
         return [_inspect_network(instance, cluster.networks[name])]
     if name in cluster.services:
-        return [_inspect_service(instance, cluster.services[name])]
+        import trio
+
+        from tapnet import servicectl
+
+        view = _inspect_service(instance, cluster.services[name])
+        # tapnet's own view, beside Docker's fields: VIPs per node as `tapnet lb` shows them,
+        # and the conntrack entries whose backend is a task of this service.
+        now = trio.current_time()
+        tasks = {int(e.ip) for s in cluster.sandboxes.values() if s.service == name for e in s.endpoints}
+        connections = {
+            node: [row for row in table["entries"] if row.get("backend") in tasks]
+            for node, table in servicectl.conntrack_view(instance, None, now).items()
+        }
+        view["LoadBalancer"] = {"VirtualServers": servicectl.lb_view(instance, None, now, service=name), "Connections": connections}
+        return [view]
     if name in cluster.sandboxes:
         return [_inspect_sandbox(instance, cluster.sandboxes[name])]
     raise ValueError(f"no network, service or sandbox named {name!r} in instance {instance.name!r}")
@@ -533,7 +572,9 @@ def _run_foreground(args: argparse.Namespace, cluster, label: str, announce: boo
             print(f"\ntapnet: instance {instance.name!r} running (pid {os.getpid()}); Ctrl-C or `tapnet stop --instance {instance.name}` stops it", flush=True)
 
     try:
-        return runtime.run_daemon(args.instance, cluster, serve_control, on_ready, stack_label=label, seed=args.seed)
+        return runtime.run_daemon(
+            args.instance, cluster, serve_control, on_ready, stack_label=label, seed=args.seed, conntrack_max=args.conntrack_max
+        )
     except (netns.NetnsError, StateError, ValueError) as error:
         return _fail(f"starting instance {args.instance!r} failed: {error}")
     except KeyboardInterrupt:
@@ -549,6 +590,8 @@ def _start_detached(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "tapnet.cli", "-v", "start", "--instance", args.instance, "--daemon-child"]
     if args.seed is not None:
         argv += ["--seed", str(args.seed)]
+    if args.conntrack_max is not None:
+        argv += ["--conntrack-max", str(args.conntrack_max)]
     if args.stack is not None:
         argv.append(str(Path(args.stack).resolve()))
     with open(daemon_log, "ab") as output:
@@ -666,6 +709,56 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return _fail(f"running {' '.join(argv)} failed: {error}")
 
 
+def _conntrack_size(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= CONNTRACK_MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"invalid conntrack size {text!r}: expected an integer from 1 to {CONNTRACK_MAX_LIMIT}")
+    return int(text)
+
+
+# Largest --conntrack-max: 4 Mi entries take about 500 MiB (tapnet.nat.Conntrack, 56 bytes per entry plus 4 index slots of 16 bytes).
+CONNTRACK_MAX_LIMIT = 1 << 22
+SCALE_TIMEOUT = 120.0  # seconds `scale` waits: the daemon creates namespaces and ends tasks before it answers
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from tapnet.scale import ScaleError, parse_request
+
+    try:
+        _check_instance(args.instance)
+        requests = [parse_request(text) for text in args.requests]
+    except (ScaleError, ValueError) as error:
+        return _fail(str(error))
+    for service, replicas in requests:
+        try:
+            result = request(args.instance, "scale", timeout=SCALE_TIMEOUT, service=service, replicas=replicas)
+        except ControlError as error:
+            return _fail(f"scaling {service} to {replicas} failed: {error}")
+        print(f"{service} scaled to {replicas}: added {', '.join(result['added']) or 'none'}; removed {', '.join(result['removed']) or 'none'}")
+    return 0
+
+
+def cmd_conntrack(args: argparse.Namespace) -> int:
+    from tapnet import servicectl
+
+    try:
+        view = _client_command(args, "conntrack", node=args.node, count_only=args.count)
+    except (ControlError, ValueError) as error:
+        return _fail(str(error))
+    print(json.dumps(view, indent=2) if args.json else servicectl.format_conntrack(view))
+    return 0
+
+
+def cmd_lb(args: argparse.Namespace) -> int:
+    from tapnet import servicectl
+
+    try:
+        view = _client_command(args, "lb", node=args.node)
+    except (ControlError, ValueError) as error:
+        return _fail(str(error))
+    print(json.dumps(view, indent=2) if args.json else servicectl.format_lb(view))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -677,6 +770,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("stack", nargs="?", metavar="STACK", help="compose / stack file (default: the built-in demo)")
     start.add_argument("--detach", action="store_true", help="return once the instance is up; the daemon keeps running in the background")
     start.add_argument("--seed", type=int, default=None, help="seed of the datapath's random generator (default: random, logged)")
+    start.add_argument(
+        "--conntrack-max", type=_conntrack_size, default=None, metavar="N",
+        help="conntrack entries per node; when full, the oldest unreplied entry is evicted (default 65536)",
+    )
     start.add_argument("--daemon-child", action="store_true", help=argparse.SUPPRESS)
 
     add("stop", cmd_stop, "Stop the instance and remove everything it made, also after a crash.")
@@ -693,3 +790,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     exec_parser = add("exec", cmd_exec, "Run a command inside a sandbox's network namespace; its exit status is returned.")
     exec_parser.add_argument("sandbox", metavar="SANDBOX")
     exec_parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="command and arguments")
+
+    scale = add("scale", cmd_scale, "Set the number of tasks of services, like `docker service scale`.")
+    scale.add_argument("requests", nargs="+", metavar="SERVICE=REPLICAS", help="for example web=3")
+
+    conntrack = add("conntrack", cmd_conntrack, "List the conntrack entries of each node's load balancer, like `conntrack -L`.")
+    conntrack.add_argument("--node", default=None, metavar="NODE", help="only this node (default: every node)")
+    conntrack.add_argument("-C", "--count", action="store_true", help="print only the counters (entries, maximum, evictions, ...)")
+    conntrack.add_argument("--json", action="store_true", help="print JSON: counters and entries per node")
+
+    lb = add("lb", cmd_lb, "List each node's VIPs with their tasks and active connections, like `ipvsadm -Ln`.")
+    lb.add_argument("--node", default=None, metavar="NODE", help="only this node (default: every node)")
+    lb.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from tapnet import mesh, netns, tapio
+from tapnet import mesh, netns, servicectl, tapio
 from tapnet.batch import MAX_FRAME, VNET_HDR_LEN, FrameBatch
 from tapnet.model import Cluster
 from tapnet.state import InstanceLock, StateFile, clean_leftovers, remove_objects
@@ -453,7 +453,7 @@ def run_daemon(
             # Relay ports first: one in use stops the start before any namespace exists.
             instance.relays = mesh.open_relays(cluster)
             instance.fabric = build_fabric(cluster)
-            mesh.size_conntrack(instance.fabric, conntrack_max, seed)
+            servicectl.size_conntrack(instance.fabric, conntrack_max, seed)
             instance.realise_underlay()
             instance.taps.extend(mesh.realise(cluster, instance.underlay.hosts))
             mesh.aim_relays(instance.relays, cluster, instance.underlay.hosts)

@@ -224,6 +224,7 @@ class SocketPorts:
         self._value: dict[str, int] = {}
         self._mac: dict[int, bytes] = {}
         self._logged: Counter[str] = Counter()
+        self.watch = None  # trace and capture subscribers (tapnet.watch), set by `tapnet trace` and `capture`
 
     def owns(self, port: int) -> bool:
         return port in self.by_port
@@ -254,8 +255,12 @@ class SocketPorts:
         if count == 0:
             return 0
 
+        watch = self.watch
         try:
-            result = self.fabric.process(self.batch, now, self.rng)
+            trace = watch is not None and watch.before(self.batch)
+            result = self.fabric.process(self.batch, now, self.rng, trace=trace)
+            if watch is not None:
+                watch.after(self.batch, result, now)
         except Exception:
             self.drops[(udp.name, DROP_DATAPATH_ERROR)] += count
             if self._may_log(DROP_DATAPATH_ERROR):
