@@ -40,7 +40,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
-python=${PYTHON:-python3}
+# Debian's own Python, so that the virtual environment also works for users
+# who cannot read root's home (where tools such as pyenv put theirs).
+if [ -z "${PYTHON:-}" ] && [ -x /usr/bin/python3 ]; then
+    python=/usr/bin/python3
+else
+    python=${PYTHON:-python3}
+fi
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
