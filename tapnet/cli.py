@@ -16,7 +16,7 @@ import sys
 # order `tapnet --help` lists them. A module that is missing (not built yet)
 # is skipped.
 SUBCOMMAND_MODULES = {
-    "tapnet.control": ("start", "stop", "ps", "inspect", "stats", "exec"),
+    "tapnet.control": ("start", "stop", "ps", "inspect", "stats", "exec", "scale", "conntrack", "lb"),
     "tapnet.replay": ("replay",),
     "tapnet.views": ("trace", "capture", "fdb", "neigh", "diagram"),
 }

@@ -717,7 +717,7 @@ def _conntrack_size(text: str) -> int:
 
 # Largest --conntrack-max: 4 Mi entries take about 500 MiB (tapnet.nat.Conntrack, 56 bytes per entry plus 4 index slots of 16 bytes).
 CONNTRACK_MAX_LIMIT = 1 << 22
-SCALE_TIMEOUT = 120.0  # seconds `scale` waits: the daemon creates namespaces and ends tasks before it answers
+SCALE_TIMEOUT = 120.0  # seconds `scale` waits, because the daemon creates namespaces and ends tasks before it responds
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
