@@ -628,8 +628,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         return _fail("tapnet stop needs root; run it with sudo")
     lock = InstanceLock(args.instance)
+    running = lock.is_held_elsewhere()
 
-    if lock.is_held_elsewhere():
+    if running:
         try:
             request(args.instance, "stop")
         except ControlError as error:
@@ -654,7 +655,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return _fail(str(error))
     if report is not None:
         print(f"tapnet: instance {args.instance!r}: leftovers removed: {report.summary()}")
-    print(f"tapnet: instance {args.instance!r} stopped")
+    if running or report is not None:
+        print(f"tapnet: instance {args.instance!r} stopped")
+    else:
+        print(f"tapnet: instance {args.instance!r} is not running and left nothing behind; nothing to stop")
     return 0
 
 

@@ -68,7 +68,7 @@ class Port:
 
 @dataclass
 class NetworkView:
-    """What a node's datapath needs of one network, as integers for speed."""
+    """One network as a node's datapath sees it, with addresses as integers for speed."""
 
     model: Network
     net: int
@@ -76,7 +76,7 @@ class NetworkView:
     gateway_ip: int
     gateway_mac: int
     bridge: Bridge
-    # Addresses this node answers ARP for besides the gateway (VIPs, the ingress sandbox): IP -> MAC.
+    # Addresses this node replies to ARP for besides the gateway (VIPs, the ingress sandbox): IP -> MAC.
     arp_table: dict[int, int] = field(default_factory=dict)
     # MACs owned by a stage rather than an endpoint (VIPs, the ingress sandbox): MAC -> stage.
     service_macs: dict[int, "Stage"] = field(default_factory=dict)
@@ -93,7 +93,7 @@ class Emit:
     port: int
     frame: bytes
     vnet: bytes | None
-    index: int  # the input frame (index in the batch) this emission answers
+    index: int  # index in the batch of the input frame that caused this emission
     record: TraceRecord | None = None
 
 

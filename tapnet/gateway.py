@@ -1,7 +1,7 @@
 """Frames the network gateway (`.1`) sends: ARP replies and ICMP echo replies.
 
 Pure functions from a request frame to the reply frame. The datapath decides
-when the gateway answers; this module only builds the bytes.
+when the gateway replies, and this module only builds the bytes.
 """
 
 from __future__ import annotations

@@ -221,7 +221,7 @@ def complete_checksum(frame: bytes, vnet: bytes) -> bytes:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "replay",
-        help="run a capture through the datapath and write what it emits",
+        help="Run a capture through the datapath and write what it emits, with each frame's story.",
         description=(
             "Read frames from a pcap or pcapng capture, run them through the datapath of a stack with the "
             "capture's timestamps as the clock, and write the emitted frames to a pcapng file with one interface "
@@ -278,6 +278,9 @@ def run(args: argparse.Namespace) -> int:
             compare.canonical_field(name)
         expected = open_capture(args.expect) if args.expect is not None else None
         capture = open_capture(args.read)
+    except FileNotFoundError as error:
+        print(f"tapnet replay: capture file not found: {error.filename}", file=sys.stderr)
+        return 2
     except (CaptureError, ValueError, OSError) as error:
         print(f"tapnet replay: {error}", file=sys.stderr)
         return 2

@@ -24,7 +24,10 @@ def parse_request(text: str) -> tuple[str, int]:
     """Read `SERVICE=N` as `docker service scale` takes it."""
     name, sep, count = text.partition("=")
     if not sep or not name or not count.isdigit():
-        raise ScaleError(f"invalid scale request {text!r}: expected SERVICE=REPLICAS, for example web=3")
+        raise ScaleError(
+            f"invalid scale request {text!r}: expected SERVICE=REPLICAS with REPLICAS a whole number, 0 or more, "
+            "for example web=3"
+        )
     return name, int(count)
 
 

@@ -1,8 +1,8 @@
 """Learning bridge: one forwarding database (FDB) per network on a node.
 
 The bridge maps MAC addresses to the port they were last seen on, as the Linux
-bridge does. It knows nothing of IP, VXLAN or gateways: the datapath asks it
-where a destination MAC lives and which ports a flood reaches.
+bridge does. It has no notion of IP, VXLAN or gateways. The datapath looks up
+the port of a destination MAC here and the ports a flood reaches.
 
 MACs are 48-bit integers (first byte most significant), ports are the
 datapath's integer port ids, and time is the `now` the caller passes in.

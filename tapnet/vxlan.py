@@ -20,11 +20,13 @@ unicast to a remote MAC is encapsulated to its VTEP, and broadcast or unknown
 unicast never enters the tunnel. `PeerTable.build` runs again whenever the
 cluster changes, so no stale entry outlives a change.
 
-Encapsulation follows what the Linux kernel's vxlan driver sends by default
-for IPv4, so a kernel VXLAN device can be a peer: UDP destination port 4789,
-source port from a hash of the inner flow in 32768-60999, UDP checksum zero,
-outer TTL 64, DF clear, VXLAN flags 0x08 (I flag) and the VNI in the upper 24
-bits of the second word.
+Encapsulation follows the Linux kernel's vxlan driver for IPv4, so a kernel
+VXLAN device can be a peer: UDP destination port 4789, source port from a
+hash of the inner flow in 32768-60999, outer TTL 64, DF clear, VXLAN flags
+0x08 (I flag) and the VNI in the upper 24 bits of the second word. tapnet
+sends a zero UDP checksum, which RFC 7348 allows over IPv4. The kernel
+accepts it, although iproute2 on recent kernels (6.18 here) turns the
+kernel's own `udpcsum` on by default.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class OverlayPeers:
 
 @dataclass
 class PeerTable:
-    """Everything one node's VTEP knows, from cluster state."""
+    """The remote endpoints and VTEPs of one node's overlays, built from cluster state."""
 
     node: str
     vtep_ip: int
