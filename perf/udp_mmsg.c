@@ -9,10 +9,10 @@
  * can for SECONDS and prints one JSON line: datagrams sent and send errors.
  *
  * The sink prints "ready" once its socket is bound, then waits (at most
- * 10 s) for the first datagram. It skips WARMUP_SECONDS after that datagram,
- * counts what arrives in the next SECONDS and prints one JSON line: datagrams
- * and bytes counted, the length of the window in seconds, and all datagrams
- * received from the first one to the end of the window (`total`).
+ * 10 s) for the first datagram. It skips WARMUP_SECONDS after that datagram
+ * and counts what arrives in the next SECONDS. It then prints one JSON line:
+ * datagrams and bytes counted, the length of the window in seconds, and
+ * `total`, all datagrams received from the first one to the window's end.
  * Exit status 0 on success, 1 when no datagram arrived, 2 on a usage or
  * socket error.
  */

@@ -55,8 +55,12 @@ BATCH_FRAMES = 256
 MIN_DRAIN_FRAMES = 16
 # Distinct sets of ready TAPs whose kernel arguments are kept; the cache starts over when full.
 READY_SETS_CACHED = 64
-# Each read needs room for a whole superframe, so the batch holds at most 64
-# superframes of 64 KiB; small frames take all BATCH_FRAMES slots first.
+# Larger emitted frames (TCP superframes) are written with os.writev from their own
+# bytes, because copying them into the joined buffer of tapio.write costs more than
+# the Python around one os.writev (about 3 us on the 2-core VM of perf/README.md).
+JOIN_MAX_FRAME = 8192
+# Each read needs room for a whole superframe, so the batch has room for at most
+# 64 superframes of 64 KiB; small frames take all BATCH_FRAMES slots first.
 BATCH_BYTES = 64 * MAX_FRAME
 # Seconds between calls of `Fabric.tick` (MAC ageing) and task exit checks.
 TICK_INTERVAL = 1.0
@@ -92,13 +96,16 @@ class TapLoop:
         self.fd_by_port = {pid: tap.fd for pid, tap in zip(self.port_ids, taps)}
         self.port_by_fd = {tap.fd: pid for pid, tap in zip(self.port_ids, taps)}
         self.name_by_port = dict(enumerate(fabric.port_names))
+        for fd in self.port_by_fd:
+            os.set_blocking(fd, False)  # a blocking read or write in the kernels would stall the event loop
 
         self.batch = FrameBatch(BATCH_FRAMES, BATCH_BYTES)
         self._drain_state = np.zeros(tapio.STATE_LEN, dtype=np.int64)
         self._rx_errors = np.zeros(len(taps), dtype=np.int32)
         self._rx_short = np.zeros(len(taps), dtype=np.int64)
         self._iov = np.zeros(4, dtype=np.uint64)
-        # (fd array, port array) for each set of ready fds seen lately: building them costs more than draining one frame.
+        # (fd array, port array) per set of ready fds seen lately, because building
+        # the two arrays costs more than draining one frame.
         self._ready_arrays: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         tapio.warm_up()
 
@@ -124,8 +131,8 @@ class TapLoop:
                 self._epoll = None
 
     async def _serve_taps(self, epoll: select.epoll) -> None:
-        # One task for every TAP: the epoll set becomes readable when any TAP
-        # is, and its level-triggered events name every ready TAP in turn.
+        # A single task serves every TAP: the epoll set becomes readable when any
+        # TAP is, and its level-triggered events name every ready TAP in turn.
         while len(self.dead_fds) < len(self.port_by_fd):
             await trio.lowlevel.wait_readable(epoll.fileno())
             self.forward_ready([fd for fd, _ in epoll.poll(0)], trio.current_time())
@@ -200,26 +207,36 @@ class TapLoop:
                 log.error("reading TAP of %s failed: %s; the port no longer receives", name, os.strerror(code))
                 self.dead_fds.add(fd)
                 if self._epoll is not None:
-                    self._epoll.unregister(fd)
+                    try:
+                        self._epoll.unregister(fd)
+                    except OSError:
+                        pass  # a closed fd has already left the epoll set
 
     def _write_batch(self, emits: list) -> None:
-        """Write every emitted frame; frames for TAPs go out in one tapio.write call."""
+        """Write every emitted frame in order; each run of small frames for TAPs goes out in one tapio.write call."""
         fd_by_port = self.fd_by_port
         plan: list[int] = []  # (fd, message length) pairs, see tapio.write
         parts: list[bytes] = []  # each message's virtio-net header, then its frame
         for emit in emits:
             fd = fd_by_port.get(emit.port)
+            frame = emit.frame
             vnet = emit.vnet
-            if fd is None or (vnet is not None and len(vnet) != VNET_HDR_LEN):
-                self._write(emit.port, emit.frame, vnet)  # socket ports, missing TAPs, odd headers
+            if fd is not None and len(frame) <= JOIN_MAX_FRAME and (vnet is None or len(vnet) == VNET_HDR_LEN):
+                parts.append(ZERO_VNET if vnet is None else vnet)
+                parts.append(frame)
+                plan.append(fd)
+                plan.append(VNET_HDR_LEN + len(frame))
                 continue
-            parts.append(ZERO_VNET if vnet is None else vnet)
-            parts.append(emit.frame)
-            plan.append(fd)
-            plan.append(VNET_HDR_LEN + len(emit.frame))
-        if not plan:
-            return
+            # Socket ports, missing TAPs, odd headers and large frames go one by one,
+            # after the frames emitted before them, so every port keeps the datapath's order.
+            if plan:
+                self._write_messages(plan, parts)
+                plan, parts = [], []
+            self._write(emit.port, frame, vnet)
+        if plan:
+            self._write_messages(plan, parts)
 
+    def _write_messages(self, plan: list[int], parts: list[bytes]) -> None:
         plan_array = np.array(plan, dtype=np.int64)
         if tapio.write(plan_array, np.frombuffer(b"".join(parts), dtype=np.uint8)):
             for i in range(1, len(plan), 2):

@@ -23,7 +23,7 @@ from scapy.layers.l2 import ARP, Ether
 from tapnet.batch import MAX_FRAME, VNET_HDR_LEN
 from tapnet.datapath import Fabric
 from tapnet.model import format_mac
-from tapnet.runtime import DROP_RX_SHORT, DROP_TX_FULL, TapLoop
+from tapnet.runtime import DROP_RX_SHORT, DROP_TX_FULL, JOIN_MAX_FRAME, TapLoop
 from tapnet.stack import load_stack
 
 STACK = """
@@ -115,6 +115,18 @@ def test_ready_taps_share_one_batch(rig):
     assert rig.loop.batches == 1
     assert received(rig.peer_b) == [ZERO_VNET + rig.frames["arp_from_a"]]
     assert received(rig.peer_a) == [ZERO_VNET + rig.frames["arp_from_b"]]
+
+
+def test_large_frames_keep_their_order(rig):
+    small = rig.frames["udp_a_to_b"]
+    large = small[:-500] + b"L" * (JOIN_MAX_FRAME + 1000)
+    sent = [small, large, small[:-1] + b"z", large, small]
+    for frame in sent:
+        rig.peer_a.send(ZERO_VNET + frame)
+
+    rig.loop.forward_ready([rig.tap_a.fileno()], NOW)
+
+    assert received(rig.peer_b) == [ZERO_VNET + frame for frame in sent]
 
 
 def test_full_tap_queue_counts_tx_full(rig):

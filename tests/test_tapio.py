@@ -40,17 +40,17 @@ def vnet_header(flags: int) -> bytes:
 @pytest.fixture
 def pairs():
     """Yield a function making non-blocking (tap end, peer end) SOCK_SEQPACKET pairs; all closed afterwards."""
-    made = []
+    sockets = []
 
     def make():
         tap, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         tap.setblocking(False)
         peer.setblocking(False)
-        made.extend([tap, peer])
+        sockets.extend([tap, peer])
         return tap, peer
 
     yield make
-    for sock in made:
+    for sock in sockets:
         sock.close()
 
 
@@ -74,16 +74,13 @@ class Drain:
         return served
 
 
-def write_frames(fds: list[int], frames: list[bytes], vnets: list[bytes], lengths: list[int] | None = None) -> tuple[int, np.ndarray]:
-    """Call tapio.write as the runtime does; return (writes failed, results)."""
+def write_messages(fds: list[int], messages: list[bytes], lengths: list[int] | None = None) -> tuple[int, list[int]]:
+    """Call tapio.write as the runtime does; return (writes failed, the plan afterwards)."""
     if lengths is None:
-        lengths = [len(frame) for frame in frames]
-    results = np.zeros(len(fds), dtype=np.int64)
-    failed = tapio.write(
-        np.array(fds, dtype=np.int32), np.frombuffer(b"".join(frames), dtype=np.uint8), np.array(lengths, dtype=np.int64),
-        np.frombuffer(b"".join(vnets), dtype=np.uint8), results, np.zeros(4, dtype=np.uint64),
-    )
-    return failed, results
+        lengths = [len(message) for message in messages]
+    plan = np.array([value for pair in zip(fds, lengths) for value in pair], dtype=np.int64)
+    failed = tapio.write(plan, np.frombuffer(b"".join(messages), dtype=np.uint8))
+    return failed, plan.tolist()
 
 
 def test_drain_reads_frames_and_headers(pairs):
@@ -194,54 +191,60 @@ def test_drain_reports_errno_of_bad_fd(pairs):
     assert drain.batch.ports[: drain.batch.count].tolist() == [2]
 
 
-def test_write_sends_header_then_frame(pairs):
+def test_write_sends_one_message_per_write(pairs):
     tap, peer = pairs()
-    frames = [udp_frame(1), udp_frame(2, b"y" * 100)]
-    vnets = [vnet_header(0), vnet_header(1)]
+    messages = [vnet_header(0) + udp_frame(1), vnet_header(1) + udp_frame(2, b"y" * 100)]
 
-    failed, results = write_frames([tap.fileno(), tap.fileno()], frames, vnets)
+    failed, plan = write_messages([tap.fileno(), tap.fileno()], messages)
 
     assert failed == 0
-    assert results.tolist() == [0, 0]
-    assert peer.recv(MAX_FRAME) == vnets[0] + frames[0]
-    assert peer.recv(MAX_FRAME) == vnets[1] + frames[1]
+    assert plan == [tap.fileno(), len(messages[0]), tap.fileno(), len(messages[1])]
+    assert peer.recv(MAX_FRAME) == messages[0]
+    assert peer.recv(MAX_FRAME) == messages[1]
 
 
 def test_write_reports_full_queue_as_eagain(pairs):
-    tap, peer = pairs()
+    tap, _ = pairs()
     tap.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    frames = [udp_frame(i, b"z" * 1000) for i in range(200)]
+    messages = [vnet_header(0) + udp_frame(i, b"z" * 1000) for i in range(200)]
 
-    failed, results = write_frames([tap.fileno()] * len(frames), frames, [vnet_header(0)] * len(frames))
+    failed, plan = write_messages([tap.fileno()] * len(messages), messages)
 
-    assert results[0] == 0
+    results = plan[1::2]
+    assert results[0] == len(messages[0])
     assert results[-1] == -errno.EAGAIN
-    assert set(results.tolist()) <= {0, -errno.EAGAIN}
-    assert failed == int((results != 0).sum())
+    assert set(results) <= {len(messages[0]), -errno.EAGAIN}
+    assert failed == results.count(-errno.EAGAIN)
 
 
 def test_write_reports_errno_of_bad_fd():
-    failed, results = write_frames([NO_FD], [udp_frame(1)], [vnet_header(0)])
+    failed, plan = write_messages([NO_FD], [vnet_header(0) + udp_frame(1)])
 
     assert failed == 1
-    assert results.tolist() == [-errno.EBADF]
+    assert plan == [NO_FD, -errno.EBADF]
 
 
 def test_write_rejects_lengths_past_data(pairs):
     tap, peer = pairs()
+    message = vnet_header(0) + udp_frame(1)
 
     with pytest.raises(ValueError, match="more than data"):
-        write_frames([tap.fileno()], [udp_frame(1)], [vnet_header(0)], lengths=[len(udp_frame(1)) + 1])
+        write_messages([tap.fileno()], [message], lengths=[len(message) + 1])
 
     with pytest.raises(BlockingIOError):  # nothing was written
         peer.recv(MAX_FRAME)
 
 
-def test_write_rejects_missing_headers(pairs):
+def test_write_rejects_negative_length(pairs):
     tap, _ = pairs()
 
-    with pytest.raises(ValueError, match="vnet_data"):
-        write_frames([tap.fileno(), tap.fileno()], [udp_frame(1), udp_frame(2)], [vnet_header(0)])
+    with pytest.raises(ValueError, match="negative"):
+        write_messages([tap.fileno()], [vnet_header(0) + udp_frame(1)], lengths=[-1])
+
+
+def test_write_rejects_odd_plan():
+    with pytest.raises(ValueError, match="pairs"):
+        tapio.write(np.zeros(3, dtype=np.int64), np.frombuffer(bytes(100), dtype=np.uint8))
 
 
 def test_drain_rejects_short_ports_array(pairs):
