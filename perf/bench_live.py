@@ -134,6 +134,11 @@ class Setup:
     ip_a: str
     ip_b: str
     extra: dict = field(default_factory=dict)
+    target: str | None = None  # address A sends to, when not B's own (a VIP that DNATs to B)
+
+    @property
+    def destination(self) -> str:
+        return self.target or self.ip_b
 
 
 @dataclass
@@ -403,7 +408,7 @@ def measure_small_packets(setup: Setup, sender: Path, seconds: float, payload: i
         switch_pid = setup.extra.get("pid")
         cpu_before = cpu_seconds(switch_pid) if switch_pid else None
         sending = subprocess.Popen(
-            in_ns(setup.ns_a, str(sender), "send", setup.ip_b, str(UDP_PORT), str(send_seconds), str(payload)),
+            in_ns(setup.ns_a, str(sender), "send", setup.destination, str(UDP_PORT), str(send_seconds), str(payload)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -437,7 +442,7 @@ def measure_tcp(setup: Setup, seconds: float) -> float:
         stderr=subprocess.DEVNULL,
     )
     try:
-        client = ["iperf3", "--client", setup.ip_b, "--port", str(IPERF_PORT), "--time", str(seconds), "--json"]
+        client = ["iperf3", "--client", setup.destination, "--port", str(IPERF_PORT), "--time", str(seconds), "--json"]
         # The server may not listen yet: a refused connection fails at once, so retry a few times.
         for _ in range(50):
             completed = run(in_ns(setup.ns_a, *client), timeout=seconds + 30, check=False)
@@ -457,7 +462,7 @@ def measure_tcp(setup: Setup, seconds: float) -> float:
 def measure_ping(setup: Setup) -> float:
     """Return the median round trip in milliseconds."""
     completed = run(
-        in_ns(setup.ns_a, "ping", "-c", str(PING_COUNT), "-i", str(PING_INTERVAL), "-W", "1", setup.ip_b),
+        in_ns(setup.ns_a, "ping", "-c", str(PING_COUNT), "-i", str(PING_INTERVAL), "-W", "1", setup.destination),
         timeout=PING_COUNT * (PING_INTERVAL + 1) + 10,
         check=False,
     )
