@@ -320,6 +320,7 @@ class IngressSandbox:
         self.ingress_ip = int(cluster.ingress_sbox_ips.get(dp.node, 0))
         self.ingress_mac = mac_int(self.ingress_ip)
         self.gwbridge_port = dp.fabric.port_id(f"{dp.node}/gwbridge")
+        self.host = HostModePorts(dp, lb, self.gwbridge_port)
         self.published: dict[tuple[int, int], Published] = {}
         self.allowed: dict[int, set[tuple[int, int]]] = {}  # task ingress address -> (proto, target port)
         dp.port_handlers["gwbridge"] = self
@@ -387,6 +388,9 @@ class IngressSandbox:
                 ctx.drop("gateway-no-service", "ingress", "ARP on gwbridge not for the ingress sandbox")
             return
         flags = int(rec["flags"])
+        if flags & parse.IS_IPV4 and int(rec["ip_dst"]) in self.host.tasks:
+            self.host.from_gwbridge(ctx)
+            return
         if not flags & parse.IS_IPV4 or int(rec["ip_dst"]) != self.sbox_gw_ip:
             ctx.drop("gateway-no-service", "ingress", "not IPv4 for the ingress sandbox")
             return
@@ -489,6 +493,135 @@ class IngressSandbox:
             ctx.trace.verdict = "deliver"
         ctx.emit(self.gwbridge_port, bytes(frame), ctx.vnet)
         ctx.done = True
+
+
+def default_route_endpoint(cluster: Cluster, sandbox):
+    """Return the sandbox's endpoint on the network of its default gateway, or None when it has no default gateway."""
+    if sandbox.default_gateway is None:
+        return None
+    for endpoint in sandbox.endpoints:
+        network = cluster.networks.get(endpoint.network)
+        if network is not None and network.gateway == sandbox.default_gateway:
+            return endpoint
+    return None
+
+
+@dataclass(frozen=True)
+class HostTarget:
+    """Destination of a local task's host-mode published port: its service, sandbox and network."""
+
+    service: str
+    sandbox: str
+    network: str  # the network of the task's default gateway
+
+
+class HostModePorts:
+    """Ports published in host mode by this node's tasks: delivered untranslated, replies sent back to `gwbridge`.
+
+    The host namespace DNATs a host-mode port straight to the task's address
+    (tapnet.mesh), so the packet reaches `gwbridge` addressed to the task with
+    the client's own address as source. This stage tracks the connection
+    without translation, rewrites only the MACs and delivers it on the task's
+    network. The task replies to the client through its default gateway. As
+    an L3 stage, this stage sends a reply of a tracked connection back out of
+    `gwbridge` before the gateway would drop it as `no-egress`.
+    """
+
+    name = "host-mode"
+
+    def __init__(self, dp, lb: LoadBalancer, gwbridge_port: int):
+        self.dp = dp
+        self.ct = lb.ct
+        self.gwbridge_port = gwbridge_port
+        self.host_mac = mac_for_ip_int(int(GWBRIDGE_GATEWAY))
+        self.sbox_mac = mac_for_ip_int(int(INGRESS_SBOX_GWBRIDGE_IP))
+        self.targets: dict[tuple[int, int, int], HostTarget] = {}  # (proto, task address, target port) -> target
+        self.tasks: set[int] = set()  # addresses of local tasks with host-mode ports
+        dp.l3_stages.append(self)
+        self.follow(dp.fabric.cluster)
+
+    def follow(self, cluster: Cluster) -> None:
+        self.targets = {}
+        for sandbox in cluster.sandboxes.values():
+            service = cluster.services.get(sandbox.service)
+            if sandbox.node != self.dp.node or service is None:
+                continue
+            specs = [p for p in service.ports if p.mode == "host"]
+            endpoint = default_route_endpoint(cluster, sandbox) if specs else None
+            if endpoint is None or endpoint.network not in self.dp.networks:
+                continue
+            for spec in specs:
+                proto = 6 if spec.protocol == "tcp" else 17
+                self.targets[(proto, int(endpoint.ip), spec.target)] = HostTarget(service.name, sandbox.name, endpoint.network)
+        self.tasks = {task for _, task, _ in self.targets}
+
+    # ---- from the host namespace to the task ---------------------------------
+
+    def from_gwbridge(self, ctx) -> None:
+        """Deliver a frame on `gwbridge` addressed to a local host-mode task, tracked but not translated."""
+        rec = ctx.record
+        flags = int(rec["flags"])
+        if flags & parse.IS_FRAGMENT or not flags & (parse.IS_TCP | parse.IS_UDP):
+            ctx.drop("vip-no-service", self.name, "only unfragmented TCP and UDP are published")
+            return
+        proto = int(rec["ip_proto"])
+        src, sport, dst, dport = int(rec["ip_src"]), int(rec["sport"]), int(rec["ip_dst"]), int(rec["dport"])
+        target = self.targets.get((proto, dst, dport))
+        if target is None:
+            ctx.drop("vip-no-service", self.name, f"{ip_text(dst)} publishes no host-mode port {dport}")
+            return
+
+        tcp_flags = int(rec["tcp_flags"]) if proto == 6 else 0
+        entry, direction = self.ct.lookup(proto, src, sport, dst, dport, ctx.now)
+        if entry >= 0 and direction == nat.ORIGINAL:
+            self.ct.update(entry, nat.ORIGINAL, tcp_flags, ctx.now)
+            ctx.note("conntrack", "hit", f"entry {entry}")
+        else:
+            if proto == 6 and not (tcp_flags & TCP_SYN and not tcp_flags & TCP_ACK):
+                ctx.drop("vip-no-connection", self.name, f"TCP flags {tcp_flags:#04x} without a tracked connection")
+                return
+            entry = self.ct.create(proto, (src, sport, dst, dport), (dst, dport, src, sport), ctx.now, tcp_flags, dst)
+            if entry < 0:
+                ctx.drop("conntrack-full" if entry == nat.REJECTED_FULL else "nat-failed", "conntrack", "new flow refused")
+                return
+            ctx.note("conntrack", "new", f"entry {entry}: host-mode port {dport} of {target.service} -> {target.sandbox}")
+
+        view = self.dp.networks[target.network]
+        frame = bytearray(ctx.frame)
+        frame[0:6] = mac_for_ip_int(dst)
+        frame[6:12] = view.gateway_mac.to_bytes(6, "big")
+        ctx.note(self.name, "deliver", f"{ip_text(src)}:{sport} -> {ip_text(dst)}:{dport} on {target.network}, untranslated")
+        self.dp.forward_unicast(ctx.result, ctx.index, ctx.port, view, mac_int(dst), bytes(frame), ctx.vnet, ctx.now, ctx.trace, known=True)
+        ctx.done = True
+
+    # ---- replies at the task's gateway ------------------------------------------
+
+    def handle(self, ctx) -> bool:
+        """Send a task's reply of a tracked host-mode connection out of `gwbridge`; leave every other frame to the gateway."""
+        rec = ctx.record
+        flags = int(rec["flags"])
+        if not flags & parse.IS_IPV4 or flags & parse.IS_FRAGMENT or not flags & (parse.IS_TCP | parse.IS_UDP):
+            return False
+        src = int(rec["ip_src"])
+        if src not in self.tasks:
+            return False
+        proto = int(rec["ip_proto"])
+        sport, dst, dport = int(rec["sport"]), int(rec["ip_dst"]), int(rec["dport"])
+        entry, direction = self.ct.lookup(proto, src, sport, dst, dport, ctx.now)
+        if entry < 0 or direction != nat.REPLY:
+            return False
+
+        self.ct.update(entry, nat.REPLY, int(rec["tcp_flags"]) if proto == 6 else 0, ctx.now)
+        frame = bytearray(ctx.frame)
+        frame[0:6] = self.host_mac
+        frame[6:12] = self.sbox_mac
+        ctx.note("conntrack", "reply", f"entry {entry}")
+        ctx.note(self.name, "to-gwbridge", f"{ip_text(src)}:{sport} -> {ip_text(dst)}:{dport}, untranslated")
+        if ctx.trace is not None:
+            ctx.trace.verdict = "deliver"
+        ctx.emit(self.gwbridge_port, bytes(frame), ctx.vnet)
+        ctx.done = True
+        return True
 
 
 def reasons_code(number: int) -> str:

@@ -17,6 +17,13 @@ underlay address. Each node's host namespace holds:
 - `net.ipv4.ip_forward=1`, so packets of clients on the underlay are
   forwarded to `gwbridge` and replies forwarded back.
 
+A port published in host mode is reachable only at the address of a node
+that runs a task of the service. That node's chains DNAT it straight to the
+task's address and target port, and a /32 route sends the task's address
+via 172.18.0.2 out of `gwbridge`. The datapath (`tapnet.lb.HostModePorts`)
+delivers the packet to the task unchanged, so the task gets the client's
+address as source. The datapath sends the task's reply back out of `gwbridge`.
+
 The rules and the sysctl are written inside the host namespace only. The
 root namespace gets neither a rule nor a sysctl.
 
@@ -41,7 +48,7 @@ from dataclasses import dataclass
 
 import trio
 
-from tapnet import netns
+from tapnet import lb, netns
 from tapnet.model import GWBRIDGE_SUBNET, INGRESS_SBOX_GWBRIDGE_IP, Cluster, format_mac, mac_for_ip
 
 log = logging.getLogger(__name__)
@@ -78,10 +85,29 @@ class Relay:
 # ---------------------------------------------------------------- host namespaces
 
 
-def nft_ruleset(node_ip: ipaddress.IPv4Address, ports: list[tuple[str, int]]) -> str:
-    """Return the `nft -f` text of the `tapnet` table for one node, given (protocol, published port) pairs."""
+@dataclass(frozen=True)
+class HostPort:
+    """A port published in host mode by the task on one node: DNATed straight to that task, client address kept."""
+
+    protocol: str  # "tcp" or "udp"
+    published: int
+    task_ip: ipaddress.IPv4Address  # the task's address on the network of its default gateway
+    target: int
+    sandbox: str
+
+
+def nft_ruleset(node_ip: ipaddress.IPv4Address, ports: list[tuple[str, int]], host_ports: list[HostPort] = ()) -> str:
+    """Return the `nft -f` text of the `tapnet` table for one node.
+
+    `ports` are the (protocol, published port) pairs of ingress mode, DNATed
+    to the ingress sandbox; `host_ports` are this node's host-mode ports,
+    DNATed to their task.
+    """
     rules = "".join(
         f"\t\tip daddr {node_ip} {protocol} dport {port} dnat to {INGRESS_SBOX_GWBRIDGE_IP}:{port}\n" for protocol, port in ports
+    )
+    rules += "".join(
+        f"\t\tip daddr {node_ip} {p.protocol} dport {p.published} dnat to {p.task_ip}:{p.target}\n" for p in host_ports
     )
     return (
         f"table ip {NFT_TABLE} {{\n"
@@ -100,6 +126,31 @@ def nft_ruleset(node_ip: ipaddress.IPv4Address, ports: list[tuple[str, int]]) ->
 def ingress_ports(cluster: Cluster) -> list[tuple[str, int]]:
     """Return (protocol, published port) of every port published in ingress mode, sorted."""
     return sorted({(p.protocol, p.published) for s in cluster.services.values() for p in s.ports if p.mode == "ingress"})
+
+
+def host_ports(cluster: Cluster, node: str) -> list[HostPort]:
+    """Return the host-mode ports of the tasks running on `node`, sorted.
+
+    A task is reached on the network of its default gateway, because its
+    replies to the client leave through that gateway. A task without a
+    default gateway (only internal networks) cannot reply to a client outside
+    the cluster, so its host-mode ports are skipped with a warning. The stack
+    compiler places at most one task of a service with host-mode ports on a node.
+    """
+    found = []
+    for sandbox in cluster.sandboxes.values():
+        if sandbox.node != node:
+            continue
+        service = cluster.services.get(sandbox.service)
+        specs = [p for p in service.ports if p.mode == "host"] if service is not None else []
+        if not specs:
+            continue
+        endpoint = lb.default_route_endpoint(cluster, sandbox)
+        if endpoint is None:
+            log.warning("node %s: task %s publishes host-mode ports but has no default gateway; not publishing them", node, sandbox.name)
+            continue
+        found.extend(HostPort(p.protocol, p.published, endpoint.ip, p.target, sandbox.name) for p in specs)
+    return sorted(found, key=lambda p: (p.protocol, p.published))
 
 
 def install_rules(namespace: str, text: str) -> None:
@@ -143,8 +194,35 @@ def create_gwbridge(namespace: str, node: str) -> netns.Tap:
         raise netns.NetnsError(f"creating {GWBRIDGE_IFNAME} in {namespace} failed: {error}") from error
 
 
+def route_tasks(namespace: str, ports: list[HostPort]) -> None:
+    """Route each host-mode task address via the ingress sandbox's 172.18.0.2 on `gwbridge` inside host namespace `namespace`.
+
+    The datapath's `gwbridge` port takes these frames to the task, so the
+    host namespace needs no address on the task's network.
+    """
+    addresses = sorted({str(p.task_ip) for p in ports})
+
+    def build() -> None:
+        netns._enter_namespace(namespace)
+        with netns._iproute() as ipr:
+            index = ipr.link_lookup(ifname=GWBRIDGE_IFNAME)[0]
+            for address in addresses:
+                ipr.route("replace", dst=f"{address}/32", gateway=str(INGRESS_SBOX_GWBRIDGE_IP), oif=index)
+
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        netns._run_in_thread(build, namespace)
+    except (OSError, NetlinkError, IndexError) as error:
+        raise netns.NetnsError(f"routing host-mode task addresses {addresses} in {namespace} failed: {error}") from error
+
+
 def realise(cluster: Cluster, hosts: dict[str, str]) -> list[netns.Tap]:
     """Give every node's host namespace its `gwbridge` TAP and, when ports are published, the nftables rules.
+
+    Host-mode ports get a rule and a route only on the node that runs their
+    task, as in Docker. NOTE: these rules and routes are written at start
+    only, so a host-mode task added or moved by a later scale is not published.
 
     `hosts` maps node to host namespace. Returns the TAPs, one per node, for
     the runtime's TAP loop. On failure the TAPs opened so far are closed, and
@@ -156,12 +234,16 @@ def realise(cluster: Cluster, hosts: dict[str, str]) -> list[netns.Tap]:
         for node in cluster.nodes:
             namespace = hosts[node.name]
             taps.append(create_gwbridge(namespace, node.name))
-            if ports:
-                install_rules(namespace, nft_ruleset(node.underlay_ip, ports))
+            local = host_ports(cluster, node.name)
+            if ports or local:
+                install_rules(namespace, nft_ruleset(node.underlay_ip, ports, local))
+            if local:
+                route_tasks(namespace, local)
+            published = [f"{port}/{protocol}" for protocol, port in ports]
+            published += [f"{p.published}/{p.protocol} (host mode, to {p.sandbox} {p.task_ip}:{p.target})" for p in local]
             log.info(
                 "node %s: %s %s in %s, published %s",
-                node.name, GWBRIDGE_IFNAME, GWBRIDGE_ADDRESS, namespace,
-                ", ".join(f"{port}/{protocol}" for protocol, port in ports) or "nothing",
+                node.name, GWBRIDGE_IFNAME, GWBRIDGE_ADDRESS, namespace, ", ".join(published) or "nothing",
             )
     except BaseException:
         for tap in taps:
