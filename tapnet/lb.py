@@ -59,13 +59,21 @@ class Vip:
 
     def pick(self, rng) -> int | None:
         """Return the next task address, round-robin, or None when the service has no task."""
-        if not self.backends:
-            return None
-        if self.position is None:
-            self.position = int(rng.integers(len(self.backends)))
-        backend = self.backends[self.position % len(self.backends)]
-        self.position = (self.position + 1) % len(self.backends)
+        backend, self.position = round_robin(self.backends, self.position, rng)
         return backend
+
+
+def round_robin(items: list[int], position: int | None, rng) -> tuple[int | None, int | None]:
+    """Return the item at `position` and the next position (IPVS `rr`).
+
+    The first call, with position None, starts at a place drawn from `rng`, so
+    a replay with the same seed picks the same tasks.
+    """
+    if not items:
+        return None, position
+    if position is None:
+        position = int(rng.integers(len(items)))
+    return items[position % len(items)], (position + 1) % len(items)
 
 
 def ip_text(value: int) -> str:
@@ -286,12 +294,7 @@ class Published:
     position: int | None = None
 
     def next_task(self, rng) -> int | None:
-        if not self.tasks:
-            return None
-        if self.position is None:
-            self.position = int(rng.integers(len(self.tasks)))
-        task = self.tasks[self.position % len(self.tasks)]
-        self.position = (self.position + 1) % len(self.tasks)
+        task, self.position = round_robin(self.tasks, self.position, rng)
         return task
 
 
