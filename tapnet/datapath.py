@@ -122,7 +122,7 @@ class FrameContext:
         self.network: NetworkView = network
         self.frame: bytes = frame
         self.vnet: bytes | None = vnet
-        self.record = record  # the parser's record (numpy void) for this frame
+        self.record = record  # the parser's record for this frame: `record["field"]`, as a `Row`
         self.now: float = now
         self.rng: np.random.Generator = rng
         self.trace: TraceRecord | None = trace
@@ -227,7 +227,7 @@ class Datapath:
             return
         if port.kind != "tap":
             handler = self.port_handlers.get(port.kind)
-            ctx = FrameContext(self, result, i, port, None, frame, vnet, records[i], now, rng, trace)
+            ctx = FrameContext(self, result, i, port, None, frame, vnet, Row(cols, i), now, rng, trace)
             if handler is None or not handler.handle(ctx):
                 if not ctx.done:
                     self._drop(port.id, "unknown-port", "datapath", trace, f"nothing handles {port.kind} ports")
@@ -250,7 +250,7 @@ class Datapath:
 
         ctx = None
         if self.l2_stages or (dst == network.gateway_mac and self.l3_stages):
-            ctx = FrameContext(self, result, i, port, network, frame, vnet, records[i], now, rng, trace)
+            ctx = FrameContext(self, result, i, port, network, frame, vnet, Row(cols, i), now, rng, trace)
             for stage in self.l2_stages:
                 if stage.handle(ctx) or ctx.done:
                     return
@@ -264,7 +264,7 @@ class Datapath:
             return
 
         if dst in network.service_macs:
-            ctx = ctx or FrameContext(self, result, i, port, network, frame, vnet, records[i], now, rng, trace)
+            ctx = ctx or FrameContext(self, result, i, port, network, frame, vnet, Row(cols, i), now, rng, trace)
             if not network.service_macs[dst].handle(ctx) and not ctx.done:
                 self._drop(port.id, "vip-no-service", "lb", trace, f"nothing answers at {mac_text(dst)}")
             return
@@ -392,7 +392,7 @@ class Datapath:
             inner_frame = frame[start : cols.payload_off[i] + cols.payload_len[i]]
             if trace is not None:
                 trace.add("vxlan", "decap", f"vni {vni} from vtep {ip_text(src)} to network {peers.network}")
-            ctx = FrameContext(self, result, i, port, view, inner_frame, None, self.fabric._inner[i], self.fabric.now, None, trace)
+            ctx = FrameContext(self, result, i, port, view, inner_frame, None, Row(inner, i), self.fabric.now, None, trace)
             if not view.service_macs[dst].handle(ctx) and not ctx.done:
                 self._drop(port.id, "vxlan-unknown-mac", "vxlan", trace, f"nothing answers at {mac_text(dst)}")
             return
@@ -569,6 +569,24 @@ class _Columns:
         values = self._records[name].tolist()
         setattr(self, name, values)
         return values
+
+
+class Row:
+    """One frame's parser record, read field by field as `row["dport"]`, from the batch's columns.
+
+    Indexing a numpy structured array element costs about a microsecond per
+    field; the columns are plain lists, so stages that read many fields of a
+    frame do not pay that.
+    """
+
+    __slots__ = ("_columns", "_index")
+
+    def __init__(self, columns: "_Columns", index: int):
+        self._columns = columns
+        self._index = index
+
+    def __getitem__(self, name: str):
+        return getattr(self._columns, name)[self._index]
 
 
 class Fabric:

@@ -179,7 +179,8 @@ class LoadBalancer:
                 ctx.drop("backend-gone", "lb", f"entry {entry}: task {ip_text(backend)} was removed")
                 return
             self.ct.update(entry, nat.ORIGINAL, tcp_flags, ctx.now)
-            ctx.note("conntrack", "hit", f"entry {entry} to {ip_text(backend)}")
+            if ctx.trace is not None:
+                ctx.note("conntrack", "hit", f"entry {entry} to {ip_text(backend)}")
         else:
             if proto == 6 and not (tcp_flags & TCP_SYN and not tcp_flags & TCP_ACK):
                 ctx.drop("vip-no-connection", "lb", f"TCP flags {tcp_flags:#04x} without a tracked connection")
@@ -208,7 +209,8 @@ class LoadBalancer:
             return
         backend_mac = int.from_bytes(mac_for_ip_int(backend), "big")
         frame[0:6] = mac_for_ip_int(backend)
-        ctx.note("nat", "dnat", f"{ip_text(dst)}:{dport} -> {ip_text(backend)}:{dport}")
+        if ctx.trace is not None:
+            ctx.note("nat", "dnat", f"{ip_text(dst)}:{dport} -> {ip_text(backend)}:{dport}")
         self.dp.forward_unicast(
             ctx.result, ctx.index, ctx.port, ctx.network, backend_mac, bytes(frame), ctx.vnet, ctx.now, ctx.trace, known=True
         )
@@ -416,7 +418,8 @@ class IngressSandbox:
                 return
             self.ct.update(entry, nat.ORIGINAL, tcp_flags, ctx.now)
             translation = self.ct.translation(entry, nat.ORIGINAL)
-            ctx.note("conntrack", "hit", f"entry {entry}")
+            if ctx.trace is not None:
+                ctx.note("conntrack", "hit", f"entry {entry}")
         else:
             published = self.published.get((proto, dport))
             if published is None:
@@ -441,7 +444,8 @@ class IngressSandbox:
                 ctx.drop("conntrack-full" if entry == nat.REJECTED_FULL else "nat-failed", "conntrack", "new flow refused")
                 return
             translation = (self.ingress_ip, snat_port, task, published.target)
-            ctx.note("conntrack", "new", f"entry {entry}: rr over {len(published.tasks)} task(s) -> {published.sandbox_of[task]}")
+            if ctx.trace is not None:
+                ctx.note("conntrack", "new", f"entry {entry}: rr over {len(published.tasks)} task(s) -> {published.sandbox_of[task]}")
 
         new_src, new_sport, new_dst, new_dport = translation
         frame = bytearray(ctx.frame)
@@ -453,7 +457,8 @@ class IngressSandbox:
             return
         frame[0:6] = mac_for_ip_int(new_dst)
         frame[6:12] = mac_for_ip_int(self.ingress_ip)
-        ctx.note("nat", "dnat+snat", f"{ip_text(src)}:{sport} -> {ip_text(new_dst)}:{new_dport} from {ip_text(new_src)}:{new_sport}")
+        if ctx.trace is not None:
+            ctx.note("nat", "dnat+snat", f"{ip_text(src)}:{sport} -> {ip_text(new_dst)}:{new_dport} from {ip_text(new_src)}:{new_sport}")
         view = self.dp.networks[INGRESS_NETWORK]
         self.dp.forward_unicast(ctx.result, ctx.index, ctx.port, view, mac_int(new_dst), bytes(frame), ctx.vnet, ctx.now, ctx.trace, known=True)
         ctx.done = True
@@ -490,8 +495,10 @@ class IngressSandbox:
             return
         frame[0:6] = mac_for_ip_int(self.gw_ip)
         frame[6:12] = mac_for_ip_int(self.sbox_gw_ip)
-        ctx.note("conntrack", "reply", f"entry {entry}")
-        ctx.note("nat", "un-nat", f"to {ip_text(new_dst)}:{new_dport} on gwbridge")
+        if ctx.trace is not None:
+            ctx.note("conntrack", "reply", f"entry {entry}")
+        if ctx.trace is not None:
+            ctx.note("nat", "un-nat", f"to {ip_text(new_dst)}:{new_dport} on gwbridge")
         if ctx.trace is not None:
             ctx.trace.verdict = "deliver"
         ctx.emit(self.gwbridge_port, bytes(frame), ctx.vnet)
@@ -578,7 +585,8 @@ class HostModePorts:
         entry, direction = self.ct.lookup(proto, src, sport, dst, dport, ctx.now)
         if entry >= 0 and direction == nat.ORIGINAL:
             self.ct.update(entry, nat.ORIGINAL, tcp_flags, ctx.now)
-            ctx.note("conntrack", "hit", f"entry {entry}")
+            if ctx.trace is not None:
+                ctx.note("conntrack", "hit", f"entry {entry}")
         else:
             if proto == 6 and not (tcp_flags & TCP_SYN and not tcp_flags & TCP_ACK):
                 ctx.drop("vip-no-connection", self.name, f"TCP flags {tcp_flags:#04x} without a tracked connection")
@@ -587,13 +595,15 @@ class HostModePorts:
             if entry < 0:
                 ctx.drop("conntrack-full" if entry == nat.REJECTED_FULL else "nat-failed", "conntrack", "new flow refused")
                 return
-            ctx.note("conntrack", "new", f"entry {entry}: host-mode port {dport} of {target.service} -> {target.sandbox}")
+            if ctx.trace is not None:
+                ctx.note("conntrack", "new", f"entry {entry}: host-mode port {dport} of {target.service} -> {target.sandbox}")
 
         view = self.dp.networks[target.network]
         frame = bytearray(ctx.frame)
         frame[0:6] = mac_for_ip_int(dst)
         frame[6:12] = view.gateway_mac.to_bytes(6, "big")
-        ctx.note(self.name, "deliver", f"{ip_text(src)}:{sport} -> {ip_text(dst)}:{dport} on {target.network}, untranslated")
+        if ctx.trace is not None:
+            ctx.note(self.name, "deliver", f"{ip_text(src)}:{sport} -> {ip_text(dst)}:{dport} on {target.network}, untranslated")
         self.dp.forward_unicast(ctx.result, ctx.index, ctx.port, view, mac_int(dst), bytes(frame), ctx.vnet, ctx.now, ctx.trace, known=True)
         ctx.done = True
 
@@ -618,8 +628,10 @@ class HostModePorts:
         frame = bytearray(ctx.frame)
         frame[0:6] = self.host_mac
         frame[6:12] = self.sbox_mac
-        ctx.note("conntrack", "reply", f"entry {entry}")
-        ctx.note(self.name, "to-gwbridge", f"{ip_text(src)}:{sport} -> {ip_text(dst)}:{dport}, untranslated")
+        if ctx.trace is not None:
+            ctx.note("conntrack", "reply", f"entry {entry}")
+        if ctx.trace is not None:
+            ctx.note(self.name, "to-gwbridge", f"{ip_text(src)}:{sport} -> {ip_text(dst)}:{dport}, untranslated")
         if ctx.trace is not None:
             ctx.trace.verdict = "deliver"
         ctx.emit(self.gwbridge_port, bytes(frame), ctx.vnet)
