@@ -112,7 +112,8 @@ frames = [
     Ether(src=mac_a, dst=mac_b) / IP(src=ip_a, dst=ip_b) / ICMP(),
     Ether(src=mac_a, dst=mac_b) / IP(src=ip_a, dst=ip_b) / UDP(sport=40000, dport=9000) / (b"x" * 18),
 ]
-ports = [fabric.port_id("node1/a.1/eth0"), fabric.port_id("node1/b.1/eth0"), fabric.port_id("node1/a.1/eth0"), fabric.port_id("node1/a.1/eth0")]
+port_a, port_b = (fabric.port_id(f"{cluster.sandboxes[name].node}/{name}/eth0") for name in ("a.1", "b.1"))
+ports = [port_a, port_b, port_a, port_a]
 batch = FrameBatch(len(frames), 4096)
 for port, frame in zip(ports, frames):
     batch.append(port, bytes(frame))
