@@ -572,9 +572,12 @@ def _run_foreground(args: argparse.Namespace, cluster, label: str, announce: boo
             print(f"\ntapnet: instance {instance.name!r} running (pid {os.getpid()}); Ctrl-C or `tapnet stop --instance {instance.name}` stops it", flush=True)
 
     try:
-        return runtime.run_daemon(
+        status = runtime.run_daemon(
             args.instance, cluster, serve_control, on_ready, stack_label=label, seed=args.seed, conntrack_max=args.conntrack_max
         )
+        if announce and status == 0:
+            print(f"tapnet: instance {args.instance!r} stopped; its namespaces, TAPs and processes were removed", flush=True)
+        return status
     except (netns.NetnsError, StateError, ValueError) as error:
         return _fail(f"starting instance {args.instance!r} failed: {error}")
     except KeyboardInterrupt:
