@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A `Fabric` holds one `Datapath` per node of the cluster. Ports (anything
+A `Fabric` contains one `Datapath` per node of the cluster. Ports (anything
 frames enter or leave by) have global integer ids so that one `FrameBatch`
 can carry frames of every node, as the single runtime process and the replay
 both need. `Fabric.process(batch, now, rng)` parses the whole batch with one
@@ -441,7 +441,7 @@ class Datapath:
             trace.verdict = "flood"
 
     def _to_gateway(self, result, i, port, network: NetworkView, frame, cols, trace) -> None:
-        """The gateway's own behaviour: ARP, ICMP echo, and a reason for everything else."""
+        """Reply as the gateway to ARP and ICMP echo, and drop everything else with its reason."""
         ethertype = cols.ethertype[i]
         if ethertype == gateway.ETH_P_ARP:
             if cols.arp_op[i] == gateway.ARP_REQUEST and cols.arp_tpa[i] == network.gateway_ip:
@@ -494,7 +494,7 @@ class Datapath:
             stage.tick(now, result)
 
     def stages_with(self, method: str) -> list:
-        """Every installed stage that has `method`, each once, in installation order."""
+        """Return every installed stage that has `method`, each once, in installation order."""
         seen, out = set(), []
         stages = [*self.l2_stages, *self.l3_stages, *self.port_handlers.values()]
         stages += [s for view in self.networks.values() for s in view.service_macs.values()]
@@ -575,7 +575,7 @@ class Row:
     """One frame's parser record, read field by field as `row["dport"]`, from the batch's columns.
 
     Indexing a numpy structured array element costs about a microsecond per
-    field; the columns are plain lists, so stages that read many fields of a
+    field. The columns are plain lists, so stages that read many fields of a
     frame do not pay that.
     """
 

@@ -7,7 +7,7 @@ new connections to it over the service's tasks with IPVS in NAT mode
 (scheduler `rr`). tapnet does the same inside the datapath of the node where
 the client sits, with one `LoadBalancer` stage per node:
 
-- Every VIP answers ARP on every node with its own MAC (`02:42` + VIP), so a
+- Every VIP replies to ARP on every node with its own MAC (`02:42` + VIP), so a
   client sends packets for the VIP to that MAC; the datapath hands frames
   for such a MAC to `LoadBalancer.handle`.
 - A TCP SYN, or any UDP datagram, of an unknown flow picks the next live task
@@ -74,6 +74,19 @@ def round_robin(items: list[int], position: int | None, rng) -> tuple[int | None
     if position is None:
         position = int(rng.integers(len(items)))
     return items[position % len(items)], (position + 1) % len(items)
+
+
+def opens_connection(proto: int, tcp_flags: int) -> bool:
+    """Tell whether a packet may create a conntrack entry: any UDP datagram, or a TCP SYN without ACK (as IPVS)."""
+    return proto != 6 or bool(tcp_flags & TCP_SYN and not tcp_flags & TCP_ACK)
+
+
+def drop_rejected(ctx, entry: int) -> None:
+    """Drop a new flow that `Conntrack.create` rejected, under the reason of its rejection."""
+    if entry == nat.REJECTED_FULL:
+        ctx.drop("conntrack-full", "conntrack", "table full of replied connections: new flow rejected")
+    else:
+        ctx.drop("nat-failed", "conntrack", "a live connection already uses this tuple")
 
 
 def ip_text(value: int) -> str:
@@ -182,7 +195,7 @@ class LoadBalancer:
             if ctx.trace is not None:
                 ctx.note("conntrack", "hit", f"entry {entry} to {ip_text(backend)}")
         else:
-            if proto == 6 and not (tcp_flags & TCP_SYN and not tcp_flags & TCP_ACK):
+            if not opens_connection(proto, tcp_flags):
                 ctx.drop("vip-no-connection", "lb", f"TCP flags {tcp_flags:#04x} without a tracked connection")
                 return
             backend = vip.pick(ctx.rng)
@@ -191,8 +204,7 @@ class LoadBalancer:
                 return
             entry = self.ct.create(proto, (src, sport, dst, dport), (backend, dport, src, sport), ctx.now, tcp_flags, backend)
             if entry < 0:
-                reason = "conntrack-full" if entry == nat.REJECTED_FULL else "nat-failed"
-                ctx.drop(reason, "conntrack", "new flow refused" if entry == nat.REJECTED_FULL else "tuple already tracked")
+                drop_rejected(ctx, entry)
                 return
             self.dp.nat_watch.add(backend)
             ctx.note(
@@ -252,7 +264,7 @@ class LoadBalancer:
         return list(self.ct.entries(now))
 
     def lb_rows(self, now: float) -> list[dict]:
-        """One row per VIP with its tasks and their active connections, like `ipvsadm -Ln`."""
+        """Return one row per VIP with its tasks and their active connections, like `ipvsadm -Ln`."""
         active: dict[int, int] = {}
         for row in self.ct.entries(now):
             backend = row.get("backend")
@@ -425,7 +437,7 @@ class IngressSandbox:
             if published is None:
                 ctx.drop("vip-no-service", "ingress", f"port {dport} is not published")
                 return
-            if proto == 6 and not (tcp_flags & TCP_SYN and not tcp_flags & TCP_ACK):
+            if not opens_connection(proto, tcp_flags):
                 ctx.drop("vip-no-connection", "ingress", f"TCP flags {tcp_flags:#04x} without a tracked connection")
                 return
             task = published.next_task(ctx.rng)
@@ -441,7 +453,7 @@ class IngressSandbox:
                 ctx.now, tcp_flags, task,
             )
             if entry < 0:
-                ctx.drop("conntrack-full" if entry == nat.REJECTED_FULL else "nat-failed", "conntrack", "new flow refused")
+                drop_rejected(ctx, entry)
                 return
             translation = (self.ingress_ip, snat_port, task, published.target)
             if ctx.trace is not None:
@@ -588,12 +600,12 @@ class HostModePorts:
             if ctx.trace is not None:
                 ctx.note("conntrack", "hit", f"entry {entry}")
         else:
-            if proto == 6 and not (tcp_flags & TCP_SYN and not tcp_flags & TCP_ACK):
+            if not opens_connection(proto, tcp_flags):
                 ctx.drop("vip-no-connection", self.name, f"TCP flags {tcp_flags:#04x} without a tracked connection")
                 return
             entry = self.ct.create(proto, (src, sport, dst, dport), (dst, dport, src, sport), ctx.now, tcp_flags, dst)
             if entry < 0:
-                ctx.drop("conntrack-full" if entry == nat.REJECTED_FULL else "nat-failed", "conntrack", "new flow refused")
+                drop_rejected(ctx, entry)
                 return
             if ctx.trace is not None:
                 ctx.note("conntrack", "new", f"entry {entry}: host-mode port {dport} of {target.service} -> {target.sandbox}")

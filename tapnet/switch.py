@@ -81,7 +81,7 @@ class Bridge:
         return entry.port
 
     def flood_ports(self, ingress: int) -> list[int]:
-        """Every port of the network except the one the frame came from."""
+        """Return every port of the network except the one the frame came from."""
         return [p for p in self.ports if p != ingress]
 
     def expire(self, now: float) -> int:
