@@ -145,6 +145,7 @@ def test_taken_namespace_name_rolls_back(tmp_path):
     finally:
         subprocess.run(["ip", "netns", "delete", taken], check=False)
         run_tapnet("stop", "--instance", "lvn")
+        shutil.rmtree(STATE_ROOT / "lvn", ignore_errors=True)
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to drop root")
@@ -198,3 +199,4 @@ def test_foreground_start_stops_on_ctrl_c(tmp_path):
             daemon.kill()
             daemon.wait()
         run_tapnet("stop", "--instance", "lvf")
+        shutil.rmtree(STATE_ROOT / "lvf", ignore_errors=True)
